@@ -18,7 +18,7 @@ class _HarbourSettings(BaseSettings):
 class KafkaSettings(_HarbourSettings):
     """Where the Kafka cluster is and how clients identify themselves."""
 
-    kafka_bootstrap: str = Field("127.0.0.1:9092", description="host:port[,host:port...]")
+    kafka_bootstrap: str = Field("127.0.0.1:19092", description="host:port[,host:port...]")
     client_id: str = "harbour"
 
 
@@ -26,7 +26,7 @@ class PostgresSettings(_HarbourSettings):
     """The PostgreSQL database that holds the ledger and every service's own schema."""
 
     database_url: str = Field(
-        "postgresql://postgres@127.0.0.1:5432/harbour",
+        "postgresql://postgres@127.0.0.1:15432/harbour",
         description="postgresql:// URL; secrets come from the environment, never code",
     )
     pool_min_size: int = 2
@@ -37,9 +37,9 @@ class StackSettings(_HarbourSettings):
     """The local stack that ``make up`` and the test fixtures start when nothing else is given."""
 
     home: Path = Field(Path(".harbour"), description="state directory of the local stack")
-    kafka_port: int = 9092
-    kafka_controller_port: int = 9093
-    postgres_port: int = 5432
+    kafka_port: int = 19092
+    kafka_controller_port: int = 19093
+    postgres_port: int = 15432
     kafka_version: str = "4.4.0"
     cache_dir: Path = Field(
         Path.home() / ".cache" / "harbour",

@@ -97,3 +97,22 @@ async def new_topic(kafka_bootstrap: str) -> Callable[..., Awaitable[str]]:
         return name
 
     return create
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test under tests/integration so the tier is visible in reports and -m filters."""
+    for item in items:
+        if "/integration/" in str(item.fspath):
+            item.add_marker(pytest.mark.integration)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
+    """An integration test may never skip: a skip there becomes a failure that says why."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.skipped and item.get_closest_marker("integration") is not None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"integration tests must not skip (real Kafka/PostgreSQL needed): {report.longrepr}"
+        )

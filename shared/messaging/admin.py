@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 from aiokafka.admin import AIOKafkaAdminClient, NewTopic
@@ -24,10 +25,9 @@ async def ensure_topics(bootstrap: str, specs: Iterable[TopicSpec]) -> list[str]
         if not missing:
             return []
         new = [NewTopic(s.name, s.partitions, 1, topic_configs=s.config()) for s in missing]
-        try:
+        # Another process may create one between list and create: the goal is met all the same.
+        with contextlib.suppress(TopicAlreadyExistsError):
             await admin.create_topics(new, timeout_ms=30000)
-        except TopicAlreadyExistsError:
-            pass  # another process created it between list and create: the goal is met
         return [s.name for s in missing]
     finally:
         await admin.close()

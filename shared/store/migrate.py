@@ -1,10 +1,10 @@
 """Forward-only SQL migrations with a ``schema_migrations`` table.
 
-Migrations are ``NNNN_name.sql`` files in ``shared/store/migrations`` (the platform: store functions,
-event store, inbox, outbox) and then in ``services/<name>/migrations`` for each service in
-``SERVICE_ORDER``. Each runs in its own transaction together with its ``schema_migrations`` row, so
-a failure leaves nothing half-applied; an advisory lock makes concurrent ``harbour migrate`` calls
-safe. Applied migrations are never edited: a change is a new file.
+Migrations are ``NNNN_name.sql`` files in ``shared/store/migrations`` (the platform: store
+functions, event store, inbox, outbox) and then in ``services/<name>/migrations`` for each service
+in ``SERVICE_ORDER``. Each runs in its own transaction together with its ``schema_migrations`` row,
+so a failure leaves nothing half-applied; an advisory lock makes concurrent ``harbour migrate``
+calls safe. Applied migrations are never edited: a change is a new file.
 """
 
 from __future__ import annotations
