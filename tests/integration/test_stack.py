@@ -1,4 +1,4 @@
-"""The test backends are real: a Kafka broker that stores and serves records, a PostgreSQL server."""
+"""The test backends are real: a Kafka broker that stores and serves records, and PostgreSQL."""
 
 from __future__ import annotations
 
