@@ -118,8 +118,17 @@ class VoidGroup(Payload):
 
 
 LedgerCommand = (
-    DefineAsset | OpenAccount | FreezeAccount | UnfreezeAccount | CloseAccount | Post | PostPending
-    | CommitPending | VoidPending | CommitGroup | VoidGroup
+    DefineAsset
+    | OpenAccount
+    | FreezeAccount
+    | UnfreezeAccount
+    | CloseAccount
+    | Post
+    | PostPending
+    | CommitPending
+    | VoidPending
+    | CommitGroup
+    | VoidGroup
 )
 
 

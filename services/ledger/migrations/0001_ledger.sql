@@ -41,7 +41,7 @@ CREATE TABLE ledger.postings (
     kind              text NOT NULL,
     partition         int NOT NULL,
     sequence          bigint NOT NULL,
-    pending_id        text,
+    refs              text[] NOT NULL DEFAULT '{}',  -- pendings a commit/void/expire resolved
     settlement_group  text,
     timeout_at        timestamptz,
     effective_at      timestamptz NOT NULL,
@@ -50,7 +50,6 @@ CREATE TABLE ledger.postings (
     hash              bytea NOT NULL,
     UNIQUE (partition, sequence)
 );
-CREATE INDEX postings_pending ON ledger.postings (pending_id) WHERE pending_id IS NOT NULL;
 CREATE INDEX postings_group ON ledger.postings (settlement_group) WHERE settlement_group IS NOT NULL;
 
 CREATE TABLE ledger.entries (
@@ -82,13 +81,21 @@ CREATE TABLE ledger.results (
     recorded_at   timestamptz NOT NULL DEFAULT now()
 );
 
--- Open pendings and their remaining amounts (a projection of postings/entries, locked FOR UPDATE).
+-- Pendings and what became of them (a projection of postings/entries, locked FOR UPDATE). The
+-- held amounts are the pending posting's 'pending' entries.
 CREATE TABLE ledger.pendings (
     posting_id        text PRIMARY KEY REFERENCES ledger.postings (id),
     partition         int NOT NULL,
     status            text NOT NULL CHECK (status IN ('pending', 'posted', 'voided', 'expired')),
     settlement_group  text,
-    timeout_at        timestamptz
+    timeout_at        timestamptz,
+    effective_at      timestamptz NOT NULL,
+    resolved_by       text
+);
+
+CREATE TABLE ledger.settlement_groups (
+    id      text PRIMARY KEY,
+    status  text NOT NULL CHECK (status IN ('open', 'posted', 'voided'))
 );
 CREATE INDEX pendings_open_timeout ON ledger.pendings (partition, timeout_at) WHERE status = 'pending';
 CREATE INDEX pendings_group ON ledger.pendings (settlement_group) WHERE settlement_group IS NOT NULL;

@@ -1,0 +1,82 @@
+"""Composition root of the ledger service: pool, writer loop, results relay. ``python -m
+services.ledger.app`` runs it until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+
+import asyncpg
+
+from shared.config import KafkaSettings, PostgresSettings
+from shared.events.topics import LEDGER_COMMANDS, LEDGER_WRITER_GROUP
+from shared.store.outbox import OutboxRelay
+
+from .consumer import WriterLoop
+from .settings import LedgerSettings
+from .writer import LedgerWriter
+
+log = logging.getLogger("harbour.ledger")
+
+
+async def run_ledger(
+    kafka: KafkaSettings, postgres: PostgresSettings, settings: LedgerSettings, stop: asyncio.Event
+) -> None:
+    """Run one writer (a member of the writer group) and the ledger's relay until ``stop``."""
+    # No JSON codecs on this pool: the writer sends jsonb as text (COPY cannot cast).
+    pool = await asyncpg.create_pool(
+        postgres.database_url,
+        min_size=2,
+        max_size=settings.pool_size,
+        application_name="harbour-ledger",
+    )
+    assert pool is not None
+    writer = WriterLoop(
+        pool,
+        LedgerWriter(pool),
+        kafka.kafka_bootstrap,
+        topic=LEDGER_COMMANDS,
+        group_id=LEDGER_WRITER_GROUP,
+        max_records=settings.max_batch,
+    )
+    relay = OutboxRelay(
+        pool, "ledger", kafka.kafka_bootstrap, batch_size=settings.relay_batch, poll_interval_s=0.5
+    )
+    tasks = [
+        asyncio.create_task(writer.run(), name="ledger-writer"),
+        asyncio.create_task(relay.run(), name="ledger-relay"),
+    ]
+    try:
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopped and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+    finally:
+        writer.stop()
+        relay.stop()
+        for task in tasks:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(task, timeout=15)
+        await pool.close()
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        log.info("ledger writer starting")
+        await run_ledger(KafkaSettings(), PostgresSettings(), LedgerSettings(), stop)
+        log.info("ledger writer stopped")
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

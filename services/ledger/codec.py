@@ -1,0 +1,199 @@
+"""Wire <-> domain for the ledger: records on ``ledger.commands`` become domain commands, results
+become envelopes for the reply topic, and undecodable records become dead letters.
+
+Three outcomes per record, so that accepted + rejected + dead-lettered always equals records sent:
+
+- a command (possibly one the domain will reject);
+- a :class:`~services.ledger.domain.MalformedCommand` when the envelope is readable but the payload
+  is not: it is answered with a rejection code on the reply topic, under the posting id when one
+  can be read (so a client's retry finds the same answer) or else the envelope's event id;
+- a dead letter when not even an envelope can be read (there is nobody to answer).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from shared.errors import ValidationError
+from shared.events import ledger as wire
+from shared.events.envelope import Envelope, decode, encode, new_envelope
+from shared.events.topics import LEDGER_RESULTS
+from shared.store.outbox import OutboxMessage
+
+from . import domain as d
+
+PRODUCER = "harbour.ledger"
+_AMOUNT_FIELDS = frozenset({"amount", "limit"})
+
+
+@dataclass(frozen=True, slots=True)
+class Incoming:
+    """A record read well enough to answer: the command and where its answer goes."""
+
+    command: d.Command
+    envelope: Envelope | None
+    reply_to: str
+    key: bytes | None
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record nobody can be answered for: kept whole with the reason."""
+
+    error: ValidationError
+
+
+def _entries(items: list[wire.EntryIn] | None) -> tuple[d.DecimalEntry, ...] | None:
+    if items is None:
+        return None
+    return tuple(d.DecimalEntry(e.account_id, e.asset, e.direction, e.amount) for e in items)
+
+
+def _refs(refs: wire.References) -> dict[str, Any]:
+    return refs.model_dump(exclude_none=True)
+
+
+def to_domain(payload: Any, envelope: Envelope) -> d.Command:
+    """Map one validated wire payload to its domain command (pure field mapping)."""
+    event_id = str(envelope.event_id)
+    match payload:
+        case wire.Post():
+            return d.Post(
+                payload.posting_id,
+                _entries(payload.entries) or (),
+                payload.effective_at,
+                _refs(payload.references),
+            )
+        case wire.PostPending():
+            return d.PostPending(
+                payload.posting_id,
+                _entries(payload.entries) or (),
+                payload.timeout_s,
+                payload.settlement_group,
+                payload.effective_at,
+                _refs(payload.references),
+            )
+        case wire.CommitPending():
+            return d.CommitPending(
+                payload.posting_id, payload.pending_id, _entries(payload.entries)
+            )
+        case wire.VoidPending():
+            return d.VoidPending(payload.posting_id, payload.pending_id)
+        case wire.CommitGroup():
+            return d.CommitGroup(payload.posting_id, payload.settlement_group)
+        case wire.VoidGroup():
+            return d.VoidGroup(payload.posting_id, payload.settlement_group)
+        case wire.DefineAsset():
+            return d.DefineAsset(event_id, payload.code, payload.scale)
+        case wire.OpenAccount():
+            return d.OpenAccount(
+                event_id,
+                payload.account_id,
+                payload.participant,
+                payload.asset,
+                payload.debits_must_not_exceed_credits,
+                payload.credits_must_not_exceed_debits,
+                payload.limit,
+            )
+        case wire.FreezeAccount():
+            return d.FreezeAccount(event_id, payload.account_id)
+        case wire.UnfreezeAccount():
+            return d.UnfreezeAccount(event_id, payload.account_id)
+        case wire.CloseAccount():
+            return d.CloseAccount(event_id, payload.account_id)
+    raise ValidationError(f"{type(payload).__name__} is not a ledger command", code="unknown_type")
+
+
+def read_record(value: bytes | None, key: bytes | None) -> Incoming | DeadLetter:
+    """Decode one ``ledger.commands`` record (never raises for bad input)."""
+    try:
+        envelope, payload = decode(value or b"")
+        command = to_domain(payload, envelope)
+    except ValidationError as exc:
+        return _malformed(value or b"", key, exc)
+    return Incoming(command, envelope, envelope.reply_to or LEDGER_RESULTS, key)
+
+
+def _malformed(value: bytes, key: bytes | None, exc: ValidationError) -> Incoming | DeadLetter:
+    raw = _raw_envelope(value)
+    if raw is None or not isinstance(raw.get("event_id"), str):
+        return DeadLetter(exc)
+    payload = raw.get("payload")
+    posting_id = payload.get("posting_id") if isinstance(payload, dict) else None
+    command_id = posting_id if isinstance(posting_id, str) and posting_id else raw["event_id"]
+    reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else LEDGER_RESULTS
+    code = d.RejectionCode.INVALID_AMOUNT if _amount_error(exc) else None
+    detail = f"{exc.code}: {exc.message}"
+    errors = exc.details.get("errors")
+    if errors:
+        detail += " " + json.dumps(errors)[:600]
+    command = d.MalformedCommand(command_id, value, detail, code=code)
+    return Incoming(command, None, reply_to, key)
+
+
+def _raw_envelope(value: bytes) -> dict[str, Any] | None:
+    try:
+        raw = json.loads(value)
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return raw if isinstance(raw, dict) else None
+
+
+def _amount_error(exc: ValidationError) -> bool:
+    errors = exc.details.get("errors") or []
+    return bool(errors) and all(
+        str(e.get("loc", "")).rsplit(".", 1)[-1] in _AMOUNT_FIELDS for e in errors
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ChainPlace:
+    partition: int
+    sequence: int
+    hash: bytes
+
+
+def result_message(
+    result: d.Result,
+    incoming: Incoming,
+    place: ChainPlace | None,
+    now: datetime | None = None,
+) -> OutboxMessage:
+    """The PostingAccepted/PostingRejected envelope for one result, bound for the reply topic."""
+    payload: wire.PostingAccepted | wire.PostingRejected
+    if result.accepted:
+        payload = wire.PostingAccepted(
+            command_id=result.command_id,
+            command_type=result.kind,
+            posting_id=result.command_id if result.kind in d.POSTING_KINDS else None,
+            partition=place.partition if place else None,
+            sequence=place.sequence if place else None,
+            hash=place.hash.hex() if place else None,
+            duplicate=result.duplicate,
+        )
+    else:
+        payload = wire.PostingRejected(
+            command_id=result.command_id,
+            command_type=result.kind,
+            code=str(result.code),
+            detail=result.detail[:1000],
+            duplicate=result.duplicate,
+        )
+    source = incoming.envelope
+    envelope = new_envelope(
+        payload,
+        producer=PRODUCER,
+        participant=source.participant if source else "unknown",
+        correlation_id=source.correlation_id if source else None,
+        causation_id=source.event_id if source else None,
+        occurred_at=now or datetime.now(UTC),
+    )
+    return OutboxMessage(
+        incoming.reply_to,
+        result.command_id.encode(),
+        encode(envelope),
+        {"type": payload.__class__.__name__},
+    )

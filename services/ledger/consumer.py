@@ -1,0 +1,145 @@
+"""The ledger writer's Kafka loop: batches from ``ledger.commands`` into :class:`LedgerWriter`.
+
+aiokafka is used directly, not a FastStream subscriber, because the writer owns its offsets: they
+are stored in PostgreSQL with the effects, and on every assignment the consumer seeks to them
+(FastStream's batch acknowledgement would commit to Kafka, which is not the source of truth here).
+Kafka commits still happen after each batch so that lag tools show the truth, but nothing depends
+on them. Expired pendings are released by the same loop for the partitions it owns, so each
+partition's hash chain has exactly one writer at a time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Iterable
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
+from aiokafka.abc import ConsumerRebalanceListener
+
+from . import repository as repo
+from .writer import LedgerWriter, OffsetGapError, Record
+
+log = logging.getLogger(__name__)
+
+
+class _SeekToStored(ConsumerRebalanceListener):
+    """On assignment, continue where PostgreSQL says the ledger is, not where Kafka says."""
+
+    def __init__(self, loop: WriterLoop) -> None:
+        self._loop = loop
+
+    async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
+        return None  # progress is committed with every batch; nothing to flush
+
+    async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
+        await self._loop.seek_to_stored(list(assigned))
+
+
+class WriterLoop:
+    """Consume, apply, repeat; until :meth:`stop`."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        writer: LedgerWriter,
+        bootstrap: str,
+        *,
+        topic: str,
+        group_id: str,
+        max_records: int = 2000,
+        expiry_interval_s: float = 0.5,
+    ) -> None:
+        self._pool = pool
+        self._writer = writer
+        self._topic = topic
+        self._expiry_interval_s = expiry_interval_s
+        self._max_records = max_records
+        self._stopping = asyncio.Event()
+        self.consumer = AIOKafkaConsumer(
+            bootstrap_servers=bootstrap,
+            group_id=group_id,
+            enable_auto_commit=False,
+            auto_offset_reset="earliest",
+            isolation_level="read_committed",
+            max_partition_fetch_bytes=4 * 1024 * 1024,
+            fetch_max_wait_ms=20,
+            max_poll_interval_ms=300_000,
+            session_timeout_ms=10_000,
+        )
+        self.applied = 0
+
+    async def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
+        async with self._pool.acquire() as conn:
+            stored = await repo.stored_offsets(conn, self._topic)
+        for tp in partitions:
+            if tp.partition in stored:
+                self.consumer.seek(tp, stored[tp.partition])
+            else:
+                await self.consumer.seek_to_beginning(tp)
+
+    async def run(self) -> None:
+        self.consumer.subscribe([self._topic], listener=_SeekToStored(self))
+        await self.consumer.start()
+        next_expiry = 0.0
+        try:
+            while not self._stopping.is_set():
+                batch = await self.consumer.getmany(timeout_ms=100, max_records=self._max_records)
+                if batch:
+                    await self._apply(batch)
+                now = asyncio.get_running_loop().time()
+                if now >= next_expiry:
+                    await self._expire()
+                    next_expiry = now + self._expiry_interval_s
+        finally:
+            with contextlib.suppress(Exception):
+                await self.consumer.stop()
+
+    async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
+        records = [
+            Record(tp.partition, r.offset, r.key, r.value, tuple(r.headers or ()))
+            for tp, rs in sorted(batch.items(), key=lambda kv: kv[0].partition)
+            for r in rs
+        ]
+        try:
+            report = await self._writer.apply_batch(records)
+        except OffsetGapError as gap:
+            log.warning("re-seeking: %s", gap)
+            await self.seek_to_stored(list(batch))
+            return
+        except (
+            asyncpg.UniqueViolationError,
+            asyncpg.DeadlockDetectedError,
+            asyncpg.SerializationError,
+        ) as race:
+            # Another writer got there first (same new id, asset or account): run the batch again
+            # from the stored offsets; the retry sees that writer's rows and answers accordingly.
+            log.info("batch raced another writer, retrying: %s", race)
+            await self.seek_to_stored(list(batch))
+            return
+        except (
+            OSError,
+            asyncpg.PostgresConnectionError,
+            asyncpg.InterfaceError,
+            asyncpg.CannotConnectNowError,
+        ) as down:
+            # PostgreSQL is unreachable: nothing was committed. Wait and re-read from the stored
+            # offsets; the records are still in Kafka.
+            log.warning("database unavailable, retrying batch: %s", down)
+            await asyncio.sleep(1.0)
+            await self.seek_to_stored(list(batch))
+            return
+        self.applied += report.applied
+        offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+        with contextlib.suppress(Exception):  # informational only: PostgreSQL holds the truth
+            await self.consumer.commit(offsets)
+
+    async def _expire(self) -> None:
+        owned = sorted(tp.partition for tp in self.consumer.assignment())
+        if owned:
+            await self._writer.expire_due(owned)
+
+    def stop(self) -> None:
+        self._stopping.set()

@@ -1,0 +1,13 @@
+"""Ledger service settings (``HARBOUR_LEDGER_*``)."""
+
+from __future__ import annotations
+
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class LedgerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="HARBOUR_LEDGER_", extra="ignore", frozen=True)
+
+    max_batch: int = 2000  # records per transaction: larger batches amortise commit cost
+    relay_batch: int = 2000  # results published per relay round
+    pool_size: int = 8

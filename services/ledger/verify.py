@@ -1,0 +1,161 @@
+"""``harbour verify``: recompute every hash chain and every balance from the journal.
+
+A fund administrator runs this against a copy of the database to check, independently of the
+writer, that no journal row was altered, removed or reordered (the chains) and that the balance
+projection equals what the entries say (the balances). The first mismatch is named.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import asyncpg
+
+from . import domain as d
+
+_FROM_DIRECTION = {"D": d.DEBIT, "C": d.CREDIT}
+# Which entries of a posting the chain covers, by kind (the rest are releases of held amounts).
+_CHAIN_PHASE = {
+    "post": "posted", "post_pending": "pending", "commit_pending": "posted",
+    "commit_group": "posted", "void_pending": "release", "void_group": "release",
+    "expire": "release",
+}
+
+
+@dataclass
+class VerifyReport:
+    postings: int = 0
+    partitions: int = 0
+    accounts: int = 0
+    mismatches: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.mismatches
+
+    @property
+    def first_mismatch(self) -> str | None:
+        return self.mismatches[0] if self.mismatches else None
+
+
+async def verify(pool: asyncpg.Pool, *, limit_mismatches: int = 20) -> VerifyReport:
+    """Check chains, then balances, then that every asset nets to zero."""
+    report = VerifyReport()
+    async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
+                                                        readonly=True):
+        await _check_chains(conn, report)
+        await _check_balances(conn, report)
+        await _check_assets_net_zero(conn, report)
+    del report.mismatches[limit_mismatches:]
+    return report
+
+
+async def _postings(conn: asyncpg.Connection) -> AsyncIterator[tuple[asyncpg.Record, list[Any]]]:
+    """Postings in chain order with their entries (both cursors stream; nothing is held whole)."""
+    entries = conn.cursor(
+        """SELECT e.posting_id, e.idx, e.account_id, e.asset, e.direction, e.phase, e.amount
+           FROM ledger.entries e JOIN ledger.postings p ON p.id = e.posting_id
+           ORDER BY p.partition, p.sequence, e.idx""", prefetch=5000)
+    pending_entry = None
+    entry_iter = entries.__aiter__()
+    async for posting in conn.cursor(
+            "SELECT * FROM ledger.postings ORDER BY partition, sequence", prefetch=2000):
+        rows = []
+        if pending_entry is not None and pending_entry["posting_id"] == posting["id"]:
+            rows.append(pending_entry)
+            pending_entry = None
+        if pending_entry is None:
+            async for e in entry_iter:
+                if e["posting_id"] != posting["id"]:
+                    pending_entry = e
+                    break
+                rows.append(e)
+        yield posting, rows
+
+
+async def _check_chains(conn: asyncpg.Connection, report: VerifyReport) -> None:
+    heads = {r["partition"]: (r["sequence"], bytes(r["hash"]))
+             for r in await conn.fetch("SELECT * FROM ledger.chain_heads")}
+    last: dict[int, tuple[int, bytes]] = {}
+    async for posting, entries in _postings(conn):
+        report.postings += 1
+        partition = posting["partition"]
+        sequence, prev = last.get(partition, (0, d.GENESIS_HASH))
+        where = f"posting {posting['id']} (partition {partition}, sequence {posting['sequence']})"
+        if posting["sequence"] != sequence + 1:
+            report.mismatches.append(f"{where}: sequence gap after {sequence}")
+        digest = d.chain_hash(prev, d.canonical_posting_bytes(_as_result(posting, entries)))
+        if digest != bytes(posting["hash"]):
+            report.mismatches.append(f"{where}: hash does not match its content and chain")
+        last[partition] = (posting["sequence"], bytes(posting["hash"]))
+    report.partitions = len(last)
+    for partition, head in sorted(heads.items()):
+        if last.get(partition) != head:
+            report.mismatches.append(f"chain head of partition {partition} does not match")
+
+
+def _as_result(posting: asyncpg.Record, entries: list[asyncpg.Record]) -> d.Result:
+    phase = _CHAIN_PHASE.get(posting["kind"], "posted")
+    return d.Result(
+        command_id=posting["id"], kind=posting["kind"], accepted=True,
+        entries=tuple(
+            d.Entry(e["account_id"], e["asset"], _FROM_DIRECTION[e["direction"]],
+                    int(e["amount"]))
+            for e in entries if e["phase"] == phase
+        ),
+        effective_at=posting["effective_at"], metadata=_json(posting["metadata"]),
+        refs=tuple(posting["refs"]), settlement_group=posting["settlement_group"],
+        timeout_at=posting["timeout_at"],
+    )
+
+
+def _json(value: Any) -> Any:
+    return json.loads(value) if isinstance(value, str) else value
+
+
+_RECOMPUTED_BALANCES = """
+WITH sums AS (
+    SELECT account_id,
+           sum(amount) FILTER (WHERE direction = 'D' AND phase = 'posted') AS dp,
+           sum(amount) FILTER (WHERE direction = 'C' AND phase = 'posted') AS cp,
+           coalesce(sum(amount) FILTER (WHERE direction = 'D' AND phase = 'pending'), 0)
+             - coalesce(sum(amount) FILTER (WHERE direction = 'D' AND phase = 'release'), 0) AS dq,
+           coalesce(sum(amount) FILTER (WHERE direction = 'C' AND phase = 'pending'), 0)
+             - coalesce(sum(amount) FILTER (WHERE direction = 'C' AND phase = 'release'), 0) AS cq
+    FROM ledger.entries GROUP BY account_id
+)
+SELECT b.account_id,
+       b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending,
+       coalesce(s.dp, 0) AS dp, coalesce(s.cp, 0) AS cp,
+       coalesce(s.dq, 0) AS dq, coalesce(s.cq, 0) AS cq
+FROM ledger.balances b LEFT JOIN sums s ON s.account_id = b.account_id
+ORDER BY b.account_id
+"""
+
+
+async def _check_balances(conn: asyncpg.Connection, report: VerifyReport) -> None:
+    for r in await conn.fetch(_RECOMPUTED_BALANCES):
+        report.accounts += 1
+        stored = (r["debits_posted"], r["credits_posted"], r["debits_pending"],
+                  r["credits_pending"])
+        recomputed = (r["dp"], r["cp"], r["dq"], r["cq"])
+        if stored != recomputed:
+            report.mismatches.append(
+                f"account {r['account_id']}: balances {tuple(map(int, stored))} but entries say "
+                f"{tuple(map(int, recomputed))}")
+
+
+async def _check_assets_net_zero(conn: asyncpg.Connection, report: VerifyReport) -> None:
+    rows = await conn.fetch(
+        """SELECT a.asset, sum(b.debits_posted - b.credits_posted) AS net_posted,
+                  sum(b.debits_pending - b.credits_pending) AS net_pending
+           FROM ledger.balances b JOIN ledger.accounts a ON a.id = b.account_id
+           GROUP BY a.asset ORDER BY a.asset""")
+    for r in rows:
+        if r["net_posted"] != 0 or r["net_pending"] != 0:
+            report.mismatches.append(
+                f"asset {r['asset']} does not net to zero: posted {r['net_posted']}, "
+                f"pending {r['net_pending']}")

@@ -1,0 +1,399 @@
+"""The ledger writer: applies a batch of ``ledger.commands`` records in one PostgreSQL transaction.
+
+Per batch: decode (outside the transaction), lock the stored offsets of the batch's partitions and
+drop records applied before (exactly-once in, even for a writer that lost its partitions), load and
+lock what the commands touch in sorted order, apply them in partition order with the pure domain,
+then write the journal with COPY, the balances with one UPDATE, the results to the outbox and the
+next offsets, and commit. Nothing is visible until all of it is.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from shared.clock import Clock, SystemClock
+from shared.events.topics import LEDGER_COMMANDS, LEDGER_RESULTS, LEDGER_WRITER_GROUP, dlq_topic
+from shared.store.outbox import Outbox, OutboxMessage
+
+from . import domain as d
+from . import repository as repo
+from .codec import ChainPlace, DeadLetter, Incoming, read_record, result_message
+
+log = logging.getLogger(__name__)
+_RESULT_KIND = {
+    "post": "posted",
+    "post_pending": "pending",
+    "commit_pending": "posted",
+    "commit_group": "posted",
+    "void_pending": "release",
+    "void_group": "release",
+    "expire": "release",
+}
+_COMMITS = frozenset({"commit_pending", "commit_group"})
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """What the writer needs of a Kafka record."""
+
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Sequence[tuple[str, bytes]] = ()
+
+
+class OffsetGapError(RuntimeError):
+    """The batch starts after the stored offset: the consumer must seek back to it."""
+
+    def __init__(self, partition: int, stored: int, first: int) -> None:
+        super().__init__(
+            f"partition {partition}: stored next offset {stored}, batch starts {first}"
+        )
+        self.partition, self.stored = partition, stored
+
+
+@dataclass
+class BatchReport:
+    applied: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+    postings: int = 0
+
+
+@dataclass
+class _Batch:
+    """Everything one transaction writes, gathered while results are walked in order."""
+
+    partition_of: dict[str, int] = field(default_factory=dict)  # pending id -> chain partition
+    heads: dict[int, tuple[int, bytes]] = field(default_factory=dict)
+    postings: list[tuple[Any, ...]] = field(default_factory=list)
+    entries: list[tuple[Any, ...]] = field(default_factory=list)
+    results: list[tuple[Any, ...]] = field(default_factory=list)
+    outbox: list[OutboxMessage] = field(default_factory=list)
+    new_assets: list[d.AssetState] = field(default_factory=list)
+    new_accounts: list[d.AccountState] = field(default_factory=list)
+    status_accounts: dict[str, d.AccountState] = field(default_factory=dict)
+    touched_pendings: set[str] = field(default_factory=set)
+    stored_places: dict[str, ChainPlace] = field(default_factory=dict)
+
+
+class LedgerWriter:
+    """Applies batches; one instance per consumer, safe alongside writers in other processes."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        *,
+        clock: Clock | None = None,
+        topic: str = LEDGER_COMMANDS,
+        group_id: str = LEDGER_WRITER_GROUP,
+    ) -> None:
+        self._pool = pool
+        self.clock: Clock = clock or SystemClock()
+        self._topic = topic
+        self._dlq = dlq_topic(group_id)
+        self._outbox = Outbox("ledger")
+
+    async def apply_batch(self, records: Sequence[Record]) -> BatchReport:
+        """Apply ``records`` (in partition order) exactly once; return what happened."""
+        decoded = [(r, read_record(r.value, r.key)) for r in records]
+        report = BatchReport()
+        async with self._pool.acquire() as conn, conn.transaction():
+            fresh = await self._fence(conn, decoded, report)
+            if not fresh:
+                return report
+            batch = _Batch()
+            incoming = [(r, x) for r, x in fresh if isinstance(x, Incoming)]
+            state = await self._load(conn, [x.command for _, x in incoming], batch)
+            now = self.clock.now()
+            applied = [(r, x, state.apply(x.command, now)) for r, x in incoming]
+            batch.heads = await repo.chain_heads(conn, {r.partition for r, _ in fresh})
+            results = iter(applied)
+            for r, x in fresh:  # record order, so replies and dead letters keep it too
+                if isinstance(x, DeadLetter):
+                    batch.outbox.append(self._dead_letter(r, x))
+                    report.dead_lettered += 1
+                else:
+                    _, _, result = next(results)
+                    self._walk(state, batch, r.partition, x, result, now, report)
+            await self._write(conn, state, batch, d.net_deltas(res for _, _, res in applied))
+            await repo.save_offsets(conn, self._topic, _next_offsets(fresh))
+        report.applied = len(fresh)
+        return report
+
+    async def expire_due(self, partitions: Sequence[int], limit: int = 1000) -> int:
+        """Release pendings of ``partitions`` whose timeout has passed; return how many.
+
+        The expiry goes into the pending's own partition chain, under the same offsets-row lock
+        the batches take, so a chain never has two writers at once.
+        """
+        report = BatchReport()
+        async with self._pool.acquire() as conn, conn.transaction():
+            now = self.clock.now()
+            due = await repo.due_pendings(conn, partitions, now, limit)
+            if not due:
+                return 0
+            batch = _Batch()
+            # Offsets rows first, as batches take them, so the two never deadlock.
+            await repo.lock_offsets(conn, self._topic, {p: 0 for _, p in due})
+            loaded = await repo.load_pendings(conn, [pid for pid, _ in due])
+            state = d.LedgerState()
+            for pending, partition in loaded:
+                state.load_pending(pending)
+                batch.partition_of[pending.posting_id] = partition
+            accounts = {e.account_id for p, _ in loaded for e in p.entries}
+            for account in await repo.load_accounts(conn, accounts):
+                state.load_account(account)
+            results = state.expire(now)
+            batch.heads = await repo.chain_heads(conn, {p for _, p in loaded})
+            for result in results:
+                partition = batch.partition_of[result.refs[0]]
+                self._walk(state, batch, partition, _EXPIRY_REPLY, result, now, report)
+            await self._write(conn, state, batch, d.net_deltas(results))
+        return len(results)
+
+    async def _fence(
+        self, conn: asyncpg.Connection, decoded: list[tuple[Record, Any]], report: BatchReport
+    ) -> list[tuple[Record, Any]]:
+        first: dict[int, int] = {}
+        for r, _ in decoded:
+            first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
+        stored = await repo.lock_offsets(conn, self._topic, first)
+        fresh = [(r, x) for r, x in decoded if r.offset >= stored[r.partition]]
+        report.skipped = len(decoded) - len(fresh)
+        starts: dict[int, int] = {}
+        for r, _ in fresh:
+            starts.setdefault(r.partition, r.offset)
+        for partition, start in starts.items():
+            if start != stored[partition]:
+                raise OffsetGapError(partition, stored[partition], start)
+        return fresh
+
+    async def _load(
+        self, conn: asyncpg.Connection, commands: list[d.Command], batch: _Batch
+    ) -> d.LedgerState:
+        state = d.LedgerState()
+        for asset in await repo.load_assets(conn):
+            state.load_asset(asset)
+        ids = [c.command_id for c in commands if type(c.command_id) is str]
+        for stored in await repo.load_results(conn, ids):
+            state.remember(stored.result.command_id, stored.result.request_hash, stored.result)
+            if stored.partition is not None and stored.sequence is not None and stored.hash:
+                batch.stored_places[stored.result.command_id] = ChainPlace(
+                    stored.partition, stored.sequence, stored.hash
+                )
+        await self._load_pendings(conn, state, commands, batch)
+        touched: set[str] = set()
+        for c in commands:
+            touched |= d.accounts_touched(c, state)
+        for account in await repo.load_accounts(conn, touched):
+            state.load_account(account)
+        return state
+
+    async def _load_pendings(
+        self,
+        conn: asyncpg.Connection,
+        state: d.LedgerState,
+        commands: list[d.Command],
+        batch: _Batch,
+    ) -> None:
+        group_ids: set[str] = set()
+        pending_ids: set[str] = set()
+        for c in commands:
+            group_ids |= d.groups_referenced(c)
+            pending_ids |= d.pendings_referenced(c)
+        groups, members = await repo.load_groups(conn, group_ids)
+        for pending, partition in await repo.load_pendings(conn, pending_ids | members):
+            state.load_pending(pending)
+            batch.partition_of[pending.posting_id] = partition
+        for group in groups:
+            state.load_group(group)
+
+    def _walk(
+        self,
+        state: d.LedgerState,
+        batch: _Batch,
+        partition: int,
+        incoming: Incoming,
+        result: d.Result,
+        now: datetime,
+        report: BatchReport,
+    ) -> None:
+        """Turn one command's result (and the expiries it caused) into rows and one reply."""
+        place = batch.stored_places.get(result.command_id) if result.duplicate else None
+        for effect in result.effects():
+            if not effect.recorded:
+                continue
+            effect_place = (
+                self._journal(state, batch, partition, effect) if effect.is_posting else None
+            )
+            if effect is result:
+                place = effect_place
+            self._track(state, batch, incoming.command, effect, partition)
+            batch.results.append(_result_row(effect, effect_place, now))
+        batch.outbox.append(result_message(result, incoming, place, now))
+        if result.accepted:
+            report.accepted += 1
+        else:
+            report.rejected += 1
+
+    def _journal(
+        self, state: d.LedgerState, batch: _Batch, partition: int, effect: d.Result
+    ) -> ChainPlace:
+        sequence, prev = batch.heads.get(partition, (0, d.GENESIS_HASH))
+        digest = d.chain_hash(prev, d.canonical_posting_bytes(effect))
+        batch.heads[partition] = (sequence + 1, digest)
+        pid = effect.command_id
+        batch.postings.append(
+            (
+                pid,
+                effect.kind,
+                partition,
+                sequence + 1,
+                list(effect.refs),
+                effect.settlement_group,
+                effect.timeout_at,
+                effect.effective_at,
+                effect.recorded_at,
+                _json(effect.metadata),
+                digest,
+            )
+        )
+        phase = _RESULT_KIND[effect.kind]
+        rows = [(pid, e, phase) for e in effect.entries]
+        if effect.kind in _COMMITS:
+            rows += [
+                (pid, e, "release") for ref in effect.refs for e in state.pendings[ref].entries
+            ]
+        batch.entries.extend(
+            (p, i, e.account_id, e.asset, repo.direction_code(e.direction), ph, e.amount_minor)
+            for i, (p, e, ph) in enumerate(rows)
+        )
+        return ChainPlace(partition, sequence + 1, digest)
+
+    def _track(
+        self,
+        state: d.LedgerState,
+        batch: _Batch,
+        command: d.Command,
+        effect: d.Result,
+        partition: int,
+    ) -> None:
+        """Note the reference data and projections an accepted effect changed."""
+        if not effect.accepted:
+            return
+        kind = effect.kind
+        if kind == "define_asset":
+            batch.new_assets.append(state.assets[command.code])  # type: ignore[union-attr]
+        elif kind == "open_account":
+            batch.new_accounts.append(state.accounts[command.account_id])  # type: ignore[union-attr]
+        elif kind in ("freeze_account", "unfreeze_account", "close_account"):
+            account = state.accounts[command.account_id]  # type: ignore[union-attr]
+            batch.status_accounts[account.id] = account
+        elif kind == "post_pending":
+            batch.partition_of[effect.command_id] = partition
+            batch.touched_pendings.add(effect.command_id)
+        batch.touched_pendings.update(effect.refs)
+
+    async def _write(
+        self,
+        conn: asyncpg.Connection,
+        state: d.LedgerState,
+        batch: _Batch,
+        deltas: dict[str, d.BalanceDelta],
+    ) -> None:
+        await repo.insert_assets(conn, batch.new_assets)
+        new_ids = {a.id for a in batch.new_accounts}
+        await repo.insert_accounts(conn, batch.new_accounts)
+        await repo.update_account_status(
+            conn, [a for i, a in sorted(batch.status_accounts.items()) if i not in new_ids]
+        )
+        await repo.copy_journal(conn, batch.postings, batch.entries, batch.results)
+        await repo.upsert_pendings(
+            conn,
+            [
+                _pending_row(state.pendings[p], batch.partition_of[p])
+                for p in sorted(batch.touched_pendings)
+            ],
+        )
+        group_ids = {
+            g
+            for p in batch.touched_pendings
+            if (g := state.pendings[p].settlement_group) is not None
+        }
+        await repo.upsert_groups(conn, [state.groups[g] for g in sorted(group_ids)])
+        await repo.apply_balance_deltas(conn, deltas)
+        if batch.heads:
+            await repo.save_chain_heads(conn, batch.heads)
+        await self._outbox.add_many(conn, batch.outbox)
+
+    def _dead_letter(self, record: Record, dead: DeadLetter) -> OutboxMessage:
+        headers = {k: v.decode("utf-8", "replace") for k, v in record.headers}
+        headers.update(
+            {
+                "x-harbour-error-code": dead.error.code,
+                "x-harbour-error": dead.error.message[:1000],
+                "x-harbour-original-topic": self._topic,
+                "x-harbour-original-partition": str(record.partition),
+                "x-harbour-original-offset": str(record.offset),
+                "x-harbour-attempts": "1",
+            }
+        )
+        return OutboxMessage(self._dlq, record.key, record.value or b"", headers)
+
+
+_EXPIRY_REPLY = Incoming(
+    command=d.MalformedCommand("expire", b""), envelope=None, reply_to=LEDGER_RESULTS, key=None
+)
+
+
+def _next_offsets(fresh: list[tuple[Record, Any]]) -> dict[int, int]:
+    nxt: dict[int, int] = {}
+    for r, _ in fresh:
+        nxt[r.partition] = max(nxt.get(r.partition, 0), r.offset + 1)
+    return nxt
+
+
+def _result_row(effect: d.Result, place: ChainPlace | None, now: datetime) -> tuple[Any, ...]:
+    return (
+        effect.command_id,
+        effect.request_hash,
+        effect.kind,
+        effect.accepted,
+        str(effect.code) if effect.code else None,
+        effect.detail or None,
+        effect.command_id if place else None,
+        place.partition if place else None,
+        place.sequence if place else None,
+        place.hash if place else None,
+        effect.recorded_at or now,
+    )
+
+
+def _pending_row(p: d.PendingState, partition: int) -> tuple[Any, ...]:
+    return (
+        p.posting_id,
+        partition,
+        p.status,
+        p.settlement_group,
+        p.timeout_at,
+        p.effective_at,
+        p.resolved_by,
+    )
+
+
+def _json(value: Any) -> str:
+    return json.dumps(dict(value) if value else {}, sort_keys=True, separators=(",", ":"))
+
+
+__all__ = ["LEDGER_RESULTS", "BatchReport", "LedgerWriter", "OffsetGapError", "Record"]
