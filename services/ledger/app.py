@@ -11,7 +11,6 @@ import signal
 import asyncpg
 
 from shared.config import KafkaSettings, PostgresSettings
-from shared.events.topics import LEDGER_COMMANDS, LEDGER_WRITER_GROUP
 from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
@@ -30,17 +29,12 @@ async def run_ledger(
         postgres.database_url,
         min_size=2,
         max_size=settings.pool_size,
-        application_name="harbour-ledger",
+        server_settings={"application_name": "harbour-ledger"},
     )
     assert pool is not None
-    writer = WriterLoop(
-        pool,
-        LedgerWriter(pool),
-        kafka.kafka_bootstrap,
-        topic=LEDGER_COMMANDS,
-        group_id=LEDGER_WRITER_GROUP,
-        max_records=settings.max_batch,
-    )
+    ledger = LedgerWriter(pool, topic=settings.commands_topic, group_id=settings.group_id)
+    writer = WriterLoop(pool, ledger, kafka.kafka_bootstrap, topic=settings.commands_topic,
+                        group_id=settings.group_id, max_records=settings.max_batch)
     relay = OutboxRelay(
         pool, "ledger", kafka.kafka_bootstrap, batch_size=settings.relay_batch, poll_interval_s=0.5
     )

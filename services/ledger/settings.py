@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from shared.events.topics import LEDGER_COMMANDS, LEDGER_WRITER_GROUP
+
 
 class LedgerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="HARBOUR_LEDGER_", extra="ignore", frozen=True)
 
+    commands_topic: str = LEDGER_COMMANDS
+    group_id: str = LEDGER_WRITER_GROUP
     max_batch: int = 2000  # records per transaction: larger batches amortise commit cost
     relay_batch: int = 2000  # results published per relay round
     pool_size: int = 8

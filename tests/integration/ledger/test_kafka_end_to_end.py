@@ -1,0 +1,81 @@
+"""Commands in on a real ``ledger.commands`` topic, results out on the reply topic."""
+
+from __future__ import annotations
+
+import asyncio
+
+import asyncpg
+from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+
+from services.ledger.consumer import WriterLoop
+from services.ledger.verify import verify
+from services.ledger.writer import LedgerWriter
+from shared.events.envelope import decode
+from shared.store.outbox import OutboxRelay
+from tests.support import ledger as L
+
+
+async def read_results(bootstrap: str, topic: str, count: int, timeout_s: float = 60) -> list[dict]:
+    consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
+                                group_id=f"reader-{topic}", enable_auto_commit=False)
+    await consumer.start()
+    out: list[dict] = []
+    try:
+        deadline = asyncio.get_running_loop().time() + timeout_s
+        while len(out) < count and asyncio.get_running_loop().time() < deadline:
+            for records in (await consumer.getmany(timeout_ms=500)).values():
+                for r in records:
+                    envelope, _ = decode(r.value)
+                    out.append({"type": envelope.type, **envelope.payload})
+    finally:
+        await consumer.stop()
+    return out
+
+
+async def publish(bootstrap: str, topic: str, items: list[tuple[bytes, bytes, int | None]]) -> None:
+    producer = AIOKafkaProducer(bootstrap_servers=bootstrap, acks="all", enable_idempotence=True)
+    await producer.start()
+    try:
+        for value, key, partition in items:
+            await producer.send_and_wait(topic, value, key=key, partition=partition)
+    finally:
+        await producer.stop()
+
+
+async def test_commands_through_kafka_settle_and_answer(
+        kafka_bootstrap: str, new_topic, pool: asyncpg.Pool) -> None:
+    commands = await new_topic("ledger.commands", partitions=4)
+    results = await new_topic("ledger.results", partitions=4)
+    values = [*[L.asset("HKD", 2, reply_to=results)],
+              L.account("treasury", "HKD", reply_to=results),
+              *[L.account(f"c{i}", "HKD", no_overdraft=True, reply_to=results) for i in range(10)],
+              *[L.transfer(f"fund{i}", "treasury", f"c{i}", "HKD", "100.00", reply_to=results)
+                for i in range(10)],
+              *[L.transfer(f"t{i}", f"c{i}", f"c{(i + 1) % 10}", "HKD", "40.50", reply_to=results)
+                for i in range(10)],
+              L.transfer("too-much", "c0", "c1", "HKD", "1000.00", reply_to=results)]
+    writer = WriterLoop(pool, LedgerWriter(pool, topic=commands), kafka_bootstrap,
+                        topic=commands, group_id=f"writer-{commands}")
+    relay = OutboxRelay(pool, "ledger", kafka_bootstrap, poll_interval_s=0.2)
+    tasks = [asyncio.create_task(writer.run()), asyncio.create_task(relay.run())]
+    try:
+        # Reference data and funding first (one partition keeps their order), then transfers
+        # keyed by the debited account, spread over the partitions.
+        setup, transfers = values[:22], values[22:]
+        await publish(kafka_bootstrap, commands, [(v, b"setup", 0) for v in setup])
+        out = await read_results(kafka_bootstrap, results, len(setup))
+        keys = [f"c{i}".encode() for i in range(10)] + [b"c0"]
+        keyed = [(v, k, None) for v, k in zip(transfers, keys, strict=True)]
+        await publish(kafka_bootstrap, commands, keyed)
+        out = await read_results(kafka_bootstrap, results, len(values))
+    finally:
+        writer.stop()
+        relay.stop()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert len(out) == len(values)
+    rejected = [r for r in out if r["type"] == "ledger.PostingRejected"]
+    assert [(r["command_id"], r["code"]) for r in rejected] == [("too-much", "insufficient_funds")]
+    rows = await pool.fetch("SELECT account_id, credits_posted - debits_posted AS bal "
+                            "FROM ledger.balances WHERE account_id LIKE 'c%'")
+    assert {r["account_id"]: int(r["bal"]) for r in rows} == {f"c{i}": 10000 for i in range(10)}
+    assert (await verify(pool)).ok
