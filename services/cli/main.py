@@ -7,6 +7,8 @@ import asyncio
 import typer
 from rich.console import Console
 
+from services.cli.bench import bench_app
+from services.ledger.cli import ledger_app, verify_command
 from shared.config import KafkaSettings, PostgresSettings, StackSettings
 
 app = typer.Typer(help="Harbour: event-sourced settlement ledger for tokenized assets.",
@@ -14,6 +16,8 @@ app = typer.Typer(help="Harbour: event-sourced settlement ledger for tokenized a
 stack_app = typer.Typer(help="The local stack (embedded PostgreSQL + Apache Kafka).",
                         no_args_is_help=True)
 app.add_typer(stack_app, name="stack")
+app.add_typer(bench_app, name="bench")
+app.add_typer(ledger_app, name="ledger")
 console = Console()
 
 
@@ -66,6 +70,9 @@ def topics() -> None:
     for name in created:
         _say(f"created {name}")
     _say(f"{len(created)} topics created" if created else "all topics exist")
+
+
+app.command("verify")(verify_command)
 
 
 if __name__ == "__main__":

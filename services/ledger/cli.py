@@ -1,0 +1,136 @@
+"""``harbour ledger ...`` and ``harbour verify``: read the ledger, check its integrity."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import asyncpg
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from shared.config import PostgresSettings
+from shared.money import format_amount
+
+from .verify import verify
+
+ledger_app = typer.Typer(help="Read the ledger: balances and statements.", no_args_is_help=True)
+console = Console()
+
+
+async def _pool() -> asyncpg.Pool:
+    pool = await asyncpg.create_pool(PostgresSettings().database_url, min_size=1, max_size=2)
+    assert pool is not None
+    return pool
+
+
+def verify_command() -> None:
+    """Recompute every hash chain and balance from the journal; exit 1 at the first mismatch."""
+
+    async def run() -> int:
+        pool = await _pool()
+        try:
+            report = await verify(pool)
+        finally:
+            await pool.close()
+        console.print(f"checked {report.postings} postings in {report.partitions} chains and "
+                      f"{report.accounts} accounts")
+        if report.ok:
+            console.print("[green]ledger verified: chains and balances match the journal[/]")
+            return 0
+        for line in report.mismatches:
+            console.print(f"[red]MISMATCH[/] {line}")
+        return 1
+
+    raise typer.Exit(asyncio.run(run()))
+
+
+_BALANCES = """
+SELECT a.id, a.participant, a.asset, s.scale, a.status, b.debits_posted, b.credits_posted,
+       b.debits_pending, b.credits_pending, a.credits_must_not_exceed_debits AS debit_normal
+FROM ledger.accounts a JOIN ledger.balances b ON b.account_id = a.id JOIN ledger.assets s
+  ON s.code = a.asset
+WHERE ($1::text IS NULL OR a.id = $1) AND ($2::text IS NULL OR a.participant = $2)
+ORDER BY a.id
+"""
+
+
+@ledger_app.command("balances")
+def balances(account: str | None = typer.Option(None, help="one account id"),
+             participant: str | None = typer.Option(None, help="one participant's accounts"),
+             ) -> None:
+    """Posted, pending and available balance per account, in the asset's units."""
+
+    async def run() -> None:
+        pool = await _pool()
+        try:
+            rows = await pool.fetch(_BALANCES, account, participant)
+        finally:
+            await pool.close()
+        table = Table("account", "participant", "asset", "status", "posted", "pending debits",
+                      "pending credits", "available")
+        for r in rows:
+            sign = 1 if r["debit_normal"] else -1
+            posted = sign * int(r["debits_posted"] - r["credits_posted"])
+            pending_out = int(r["credits_pending"] if r["debit_normal"] else r["debits_pending"])
+            scale = r["scale"]
+            table.add_row(
+                r["id"], r["participant"], r["asset"], r["status"], format_amount(posted, scale),
+                format_amount(int(r["debits_pending"]), scale),
+                format_amount(int(r["credits_pending"]), scale),
+                format_amount(posted - pending_out, scale),
+            )
+        console.print(table)
+
+    asyncio.run(run())
+
+
+_STATEMENT = """
+SELECT p.id, p.kind, p.effective_at, p.recorded_at, e.direction, e.phase, e.amount,
+       p.metadata
+FROM ledger.entries e JOIN ledger.postings p ON p.id = e.posting_id
+WHERE e.account_id = $1 AND e.phase = 'posted'
+  AND p.effective_at >= $2 AND p.effective_at < $3
+ORDER BY p.effective_at, p.partition, p.sequence
+"""
+
+
+@ledger_app.command("statement")
+def statement(account: str = typer.Option(..., help="account id"),
+              from_: datetime = typer.Option(datetime(1970, 1, 1), "--from", help="effective from"),
+              to: datetime = typer.Option(datetime(9999, 1, 1), help="effective before"),
+              ) -> None:
+    """Posted entries of one account by value date, with the running balance."""
+
+    async def run() -> None:
+        pool = await _pool()
+        try:
+            meta = await pool.fetchrow(
+                "SELECT a.credits_must_not_exceed_debits AS debit_normal, s.scale FROM "
+                "ledger.accounts a JOIN ledger.assets s ON s.code = a.asset WHERE a.id = $1",
+                account)
+            if meta is None:
+                console.print(f"[red]unknown account {account}[/]")
+                raise typer.Exit(2)
+            rows = await pool.fetch(_STATEMENT, account, _aware(from_), _aware(to))
+        finally:
+            await pool.close()
+        table = Table("effective", "posting", "kind", "debit", "credit", "balance")
+        running, scale = 0, meta["scale"]
+        for r in rows:
+            amount = int(r["amount"])
+            running += amount if (r["direction"] == "D") == meta["debit_normal"] else -amount
+            debit = format_amount(amount, scale) if r["direction"] == "D" else ""
+            credit = format_amount(amount, scale) if r["direction"] == "C" else ""
+            table.add_row(r["effective_at"].isoformat(), r["id"], r["kind"], debit, credit,
+                          format_amount(running, scale))
+        console.print(table)
+
+    asyncio.run(run())
+
+
+def _aware(value: datetime) -> datetime:
+    from datetime import UTC
+
+    return value if value.tzinfo else value.replace(tzinfo=UTC)
