@@ -8,6 +8,7 @@ offsets.
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import signal
 import socket
@@ -152,6 +153,8 @@ def wait_for_kafka(bootstrap: str, timeout_s: float = 90.0, log: Path | None = N
         finally:
             await admin.close()
 
+    # While the broker boots, every probe fails; aiokafka would log each refused connection.
+    logging.getLogger("aiokafka").setLevel(logging.CRITICAL)
     deadline = time.monotonic() + timeout_s
     last: Exception | None = None
     while time.monotonic() < deadline:

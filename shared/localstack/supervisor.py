@@ -90,6 +90,8 @@ def _spawn(name: str, env: dict[str, str], logs: Path) -> _Child:
     proc = subprocess.Popen(
         [sys.executable, "-m", f"services.{name}.app"], env=env, stdout=log,
         stderr=subprocess.STDOUT, cwd=_ROOT,
+        # Own session: Ctrl-C reaches the supervisor only, which stops children in order.
+        start_new_session=True,
     )
     return _Child(name, proc, time.monotonic())
 
@@ -116,7 +118,8 @@ def run_forever(stack: LocalStack, say: Callable[[str], None]) -> None:
         say("Harbour is up. Ctrl-C stops everything.")
         while not stopping:
             time.sleep(0.5)
-            children = [_restart_if_dead(c, env, logs, say) for c in children]
+            if not stopping:
+                children = [_restart_if_dead(c, env, logs, say) for c in children]
     finally:
         _stop_children(children, say)
         stack.stop(say)
