@@ -13,6 +13,7 @@ Three outcomes per record, so that accepted + rejected + dead-lettered always eq
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -107,6 +108,13 @@ def to_domain(payload: Any, envelope: Envelope) -> d.Command:
     raise ValidationError(f"{type(payload).__name__} is not a ledger command", code="unknown_type")
 
 
+# Reply topics a command may name: the default and per-consumer result topics. Anything else is
+# refused, because a reply to a topic that does not exist would stall the results relay.
+REPLY_TOPIC_RE = re.compile(
+    r"^ledger\.results(\.[A-Za-z0-9_-]{1,64})?$|^[a-z0-9_-]{1,64}\.ledger-results$"
+)
+
+
 def read_record(value: bytes | None, key: bytes | None) -> Incoming | DeadLetter:
     """Decode one ``ledger.commands`` record (never raises for bad input)."""
     try:
@@ -114,7 +122,12 @@ def read_record(value: bytes | None, key: bytes | None) -> Incoming | DeadLetter
         command = to_domain(payload, envelope)
     except ValidationError as exc:
         return _malformed(value or b"", key, exc)
-    return Incoming(command, envelope, envelope.reply_to or LEDGER_RESULTS, key)
+    reply_to = envelope.reply_to or LEDGER_RESULTS
+    if not REPLY_TOPIC_RE.match(reply_to):
+        refused = d.MalformedCommand(command.command_id, value or b"",
+                                     f"reply_to {reply_to[:80]!r} is not a ledger results topic")
+        return Incoming(refused, envelope, LEDGER_RESULTS, key)
+    return Incoming(command, envelope, reply_to, key)
 
 
 def _malformed(value: bytes, key: bytes | None, exc: ValidationError) -> Incoming | DeadLetter:
@@ -124,7 +137,9 @@ def _malformed(value: bytes, key: bytes | None, exc: ValidationError) -> Incomin
     payload = raw.get("payload")
     posting_id = payload.get("posting_id") if isinstance(payload, dict) else None
     command_id = posting_id if isinstance(posting_id, str) and posting_id else raw["event_id"]
-    reply_to = raw.get("reply_to") if isinstance(raw.get("reply_to"), str) else LEDGER_RESULTS
+    reply_to = raw.get("reply_to")
+    if not isinstance(reply_to, str) or not REPLY_TOPIC_RE.match(reply_to):
+        reply_to = LEDGER_RESULTS
     code = d.RejectionCode.INVALID_AMOUNT if _amount_error(exc) else None
     detail = f"{exc.code}: {exc.message}"
     errors = exc.details.get("errors")

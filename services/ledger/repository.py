@@ -17,7 +17,7 @@ import asyncpg
 from . import domain as d
 
 _DIRECTION = {d.DEBIT: "D", d.CREDIT: "C"}
-_FROM_DIRECTION = {"D": d.DEBIT, "C": d.CREDIT}
+_FROM_DIRECTION: dict[str, d.Direction] = {"D": d.DEBIT, "C": d.CREDIT}
 
 
 async def lock_offsets(

@@ -16,7 +16,7 @@ import asyncpg
 
 from . import domain as d
 
-_FROM_DIRECTION = {"D": d.DEBIT, "C": d.CREDIT}
+_FROM_DIRECTION: dict[str, d.Direction] = {"D": d.DEBIT, "C": d.CREDIT}
 # Which entries of a posting the chain covers, by kind (the rest are releases of held amounts).
 _CHAIN_PHASE = {
     "post": "posted", "post_pending": "pending", "commit_pending": "posted",
