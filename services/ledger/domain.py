@@ -14,49 +14,51 @@ Every command is checked step by step in the order below and stops at the first 
 within a step, entries (or group members) are checked in the order given. A kind checks only the
 steps that apply to it (table further down), always in this relative order.
 
-====  ========================  =============================================================
-step  code                      meaning
-====  ========================  =============================================================
-0     ``invalid_command``       ``command_id`` unusable as a key (not a 1..128 char ``str``,
-                                or uses the ledger's reserved ``expire:`` prefix). Not recorded.
-1     ``id_conflict``           the id was seen with a different request hash. Not recorded;
-                                the original outcome stays. (Same hash: the original Result is
-                                returned with ``duplicate=True``, whatever it was.)
-2     ``invalid_command``       malformed whatever the state: wrong types, bad ids, < 2 or > 128
-                                entries, an account twice in one posting, bad direction, naive
-                                ``effective_at``, bad timeout, metadata not plain JSON or over
-                                4 KiB, both balance flags set, bad asset code or scale.
-3     ``unknown_asset``         an entry's (or the account's) asset is not defined.
-4     ``invalid_amount`` /      amounts, entry by entry, the first bad one decides. Per amount,
-      ``invalid_amount_scale``  as ``shared.money.parse_amount``: not a ``str``/``int`` or not a
-                                plain decimal -> ``invalid_amount``; more decimals than the
-                                asset's scale (trailing zeros too) -> ``invalid_amount_scale``;
-                                negative, over ``10**38-1`` minor units, zero ->
-                                ``invalid_amount``.
-5     ``unbalanced``            per asset, sum of debits != sum of credits.
-6     ``unknown_account``       an entry's account does not exist.
-7     ``asset_mismatch``        an entry's asset differs from its account's asset.
-8     ``pending_not_found``     the referenced pending posting does not exist.
-9     ``pending_in_group``      the pending belongs to a settlement group: only CommitGroup /
-                                VoidGroup may resolve it (a group settles as a whole).
-10    ``group_not_found``       no pending was ever accepted into the settlement group.
-11    ``already_posted``        the pending (or group) was committed already; for PostPending:
-                                its settlement group is already committed (sealed).
-12    ``already_voided``        the pending (or group) was voided already / group sealed.
-13    ``pending_expired``       the pending (a group member, for CommitGroup) has expired, or is
-                                due now (``now >= timeout_at``): see "Expiry" below.
-14    ``amount_exceeds_pending``a partial commit's entry is larger than the pending's entry, or
-                                names an (account, direction, asset) the pending does not have.
-15    ``account_frozen``        an account that would move value is frozen (both directions).
-16    ``account_closed``        an account is closed.
-17    ``account_not_empty``     CloseAccount on an account with a non-zero net posted balance or
-                                any pending amount.
-18    ``insufficient_funds``    a balance flag would be violated (see "Balances").
-19    ``limit_exceeded``        the account's limit, or the ledger-wide 10**38-1 ceiling of any
-                                balance column (``posted + pending`` per side), would be exceeded.
-20    ``account_exists``        OpenAccount for an existing account id.
-21    ``asset_exists``          DefineAsset for an existing asset code (whatever the scale).
-====  ========================  =============================================================
+====  ==========================  ==================================================================
+step  code                        meaning
+====  ==========================  ==================================================================
+0     ``invalid_command``         ``command_id`` unusable as a key (not a 1..128 char ``str``, or
+                                  uses the ledger's reserved ``expire:`` prefix). Not recorded.
+1     ``id_conflict``             the id was seen with a different request hash. Not recorded; the
+                                  original outcome stays. (Same hash: the original Result comes back
+                                  with ``duplicate=True``, whatever it was.)
+2     ``invalid_command``         malformed whatever the state: wrong types, bad ids, < 2 or > 128
+                                  entries, an account twice in one posting, bad direction, naive
+                                  ``effective_at``, bad timeout, metadata not plain JSON or over 4
+                                  KiB, both balance flags set, bad asset code or scale.
+3     ``unknown_asset``           an entry's (or the new account's) asset is not defined.
+4     ``invalid_amount``          amounts, entry by entry; the first bad one decides. Per amount, as
+                                  ``shared.money.parse_amount``: not an ``int``/``str``, or not a
+                                  plain decimal -> ``invalid_amount``; more decimals than the
+                                  asset's scale (trailing zeros too) -> ``invalid_amount_scale``;
+                                  negative, over ``10**38-1`` minor units, zero ->
+                                  ``invalid_amount``.
+4     ``invalid_amount_scale``    see step 4 above.
+5     ``unbalanced``              per asset, sum of debits != sum of credits.
+6     ``unknown_account``         an entry's account does not exist.
+7     ``asset_mismatch``          an entry's asset differs from its account's asset.
+8     ``pending_not_found``       the referenced pending posting does not exist.
+9     ``pending_in_group``        the pending belongs to a settlement group: only CommitGroup /
+                                  VoidGroup resolve it (a group settles as a whole).
+10    ``group_not_found``         no pending was ever accepted into the settlement group.
+11    ``already_posted``          the pending (or group) was committed already; for PostPending: its
+                                  settlement group is already committed (sealed).
+12    ``already_voided``          the pending (or group) was voided already; for PostPending: its
+                                  settlement group is already voided (sealed).
+13    ``pending_expired``         the pending (for CommitGroup: a member) has expired or is due now
+                                  (``now >= timeout_at``): see "Expiry" below.
+14    ``amount_exceeds_pending``  a partial commit's entry is larger than the pending's, or names an
+                                  (account, direction, asset) the pending does not hold.
+15    ``account_frozen``          an account whose balance would move is frozen (both directions).
+16    ``account_closed``          an account is closed.
+17    ``account_not_empty``       CloseAccount with a non-zero net posted balance or anything
+                                  pending.
+18    ``insufficient_funds``      a balance flag would be violated (see "Balances").
+19    ``limit_exceeded``          the account's limit, or the ledger-wide ``10**38-1`` ceiling of a
+                                  balance column (``posted + pending`` per side), would be exceeded.
+20    ``account_exists``          OpenAccount for an existing account id.
+21    ``asset_exists``            DefineAsset for an existing asset code (whatever the scale).
+====  ==========================  ==================================================================
 
 Steps per command kind (after steps 0-2, which every kind runs):
 
@@ -76,7 +78,8 @@ Steps per command kind (after steps 0-2, which every kind runs):
 - CommitGroup: group_not_found, already_posted, already_voided, pending_expired, account_frozen,
   account_closed.
 - VoidGroup: group_not_found, already_posted, already_voided.
-- MalformedCommand (the edge could read an id but not the rest): invalid_command.
+- MalformedCommand (the edge could read an id but not the rest): invalid_command, or the code
+  the edge found (``MalformedCommand.code``).
 
 Idempotency is checked before the shape (steps 1 before 2) on purpose: a retry is answered from
 the stored outcome without re-validation, so tightening a rule later never changes the answer to
@@ -123,8 +126,10 @@ once.
 
 Settlement groups: pendings that name the same ``settlement_group`` form a group (created by its
 first accepted member). CommitGroup commits every member in full, atomically; VoidGroup voids
-every member still pending. Either seals the group: later PostPending into it is refused
-(already_posted / already_voided). Members cannot be resolved one by one (pending_in_group).
+every member still pending (accepted even if expiries left nothing to release). Either seals the
+group: later PostPending into it is refused (already_posted / already_voided). Members cannot be
+resolved one by one (pending_in_group), but each expires on its own timeout; a group with an
+expired member cannot commit any more (pending_expired) and can only be voided.
 
 Expiry: a pending is live while ``now < timeout_at``. :meth:`LedgerState.expire` releases every
 loaded pending that is due and returns one accepted Result each (``command_id`` =
@@ -242,6 +247,8 @@ _ASSET_CODE_RE: Final = re.compile(r"[A-Z0-9][A-Z0-9._:-]{1,63}")
 _AMOUNT_RE: Final = re.compile(r"(-?)([0-9]+)(?:\.([0-9]+))?")
 _MAX_AMOUNT_TEXT: Final = 100
 _BIG_INT: Final = 10**100
+_MIN_TIME: Final = datetime(1, 1, 2, tzinfo=UTC)
+_MAX_TIME: Final = datetime(9999, 12, 30, tzinfo=UTC)
 
 
 class RejectionCode(StrEnum):
@@ -551,8 +558,10 @@ class VoidGroup:
 
 @dataclass(frozen=True, slots=True)
 class MalformedCommand:
-    """A record the edge could read an id from but not parse: rejected ``invalid_command`` and
-    recorded under that id like any other outcome. ``body`` is the record value as received."""
+    """A record the edge could read an id from but not parse: rejected ``invalid_command`` (or
+    the more precise ``code`` the edge found, e.g. ``invalid_amount`` for a JSON-number amount)
+    and recorded under that id like any other outcome. ``body`` is the record value as received;
+    the request hash covers only the body."""
 
     kind: ClassVar[str] = "malformed"
     command_id: str
@@ -1110,9 +1119,8 @@ class LedgerState:
                 asset = assets.get(e.asset)
                 if asset is None:
                     return None
-                try:
-                    amt = _amount(e.amount, asset.scale, what="")
-                except _Reject:
+                amt = _fast_decimal(e.amount, asset.scale)
+                if amt is None:
                     return None
                 if resolved is None:
                     resolved = list(entries[:len(accounts)])
@@ -1246,7 +1254,7 @@ class LedgerState:
                     d[1] += e.amount_minor
             p.status = status
             p.resolved_by = by
-            p.committed = committed; p.status = status if status != EXPIRED else PENDING
+            p.committed = committed
         return tuple(BalanceDelta(k, *v) for k, v in sorted(acc.items()))
 
     def _expire_one(self, p: PendingState, now: datetime) -> Result:
@@ -1355,6 +1363,20 @@ def _amount(value: object, scale: int, *, what: str, allow_zero: bool = False) -
     return minor
 
 
+def _fast_decimal(text: object, scale: int) -> int | None:
+    """A valid positive decimal string in minor units, or ``None`` (then ``_amount`` says why).
+    ``isascii() and isdigit()`` is ``[0-9]+``: the same language as ``_AMOUNT_RE`` unsigned."""
+    if type(text) is not str or len(text) > 40:
+        return None
+    whole, dot, frac = text.partition(".")
+    if not (whole.isascii() and whole.isdigit()):
+        return None
+    if dot and not (len(frac) <= scale and frac.isascii() and frac.isdigit()):
+        return None
+    minor = int(whole + frac.ljust(scale, "0")) if scale else int(whole)
+    return minor if 0 < minor <= MAX_AMOUNT else None
+
+
 def _balanced(entries: tuple[Entry, ...]) -> None:
     """Step 5: per asset, debits == credits."""
     if len(entries) == 2:
@@ -1423,14 +1445,23 @@ def _effective_at(value: object, now: datetime) -> datetime:
         return now
     if not isinstance(value, datetime) or value.tzinfo is None or value.utcoffset() is None:
         raise _Reject(RC.INVALID_COMMAND, "effective_at must be a timezone-aware datetime")
-    try:
-        _iso(value)
-    except OverflowError:
-        raise _Reject(RC.INVALID_COMMAND, "effective_at is out of range") from None
+    if not _MIN_TIME < value < _MAX_TIME:  # so that converting it to UTC cannot overflow
+        raise _Reject(RC.INVALID_COMMAND, "effective_at is out of range")
     return value
 
 
 def _metadata(value: object) -> Mapping[str, Any]:
+    if type(value) is dict:
+        # Fast path for the usual flat string map (references such as UETR, EndToEndId):
+        # plain JSON for sure, and 12 bytes per character bounds its escaped size.
+        size = 0
+        for k, v in value.items():
+            if type(k) is not str or type(v) is not str:
+                break
+            size += len(k) + len(v) + 6
+        else:
+            if size * 12 <= MAX_METADATA_BYTES:
+                return value
     if not isinstance(value, Mapping):
         raise _Reject(RC.INVALID_COMMAND, "metadata must be an object")
     if not value:
@@ -1467,7 +1498,9 @@ def _plain_json(value: object, depth: int) -> bool:
 
 
 def _iso(dt: datetime) -> str:
-    return dt.astimezone(UTC).replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
+    if dt.tzinfo is not UTC:
+        dt = dt.astimezone(UTC)
+    return dt.isoformat(timespec="microseconds")[:-6] + "Z"  # drop "+00:00"
 
 
 def _dt_doc(value: object) -> str | None:
@@ -1565,6 +1598,8 @@ def _posting_hash(cmd: Post | PostPending, tail: str) -> bytes:
         return _hash_doc(cmd._canonical())
     if not meta:
         meta_text = "{}"
+    elif all(type(k) is str and type(v) is str for k, v in meta.items()):
+        meta_text = "{" + ",".join([f"{_esc(k)}:{_esc(meta[k])}" for k in sorted(meta)]) + "}"
     else:
         try:
             meta_text = _HASH_ENCODER.encode(meta)
