@@ -84,6 +84,7 @@ class _Batch:
     new_accounts: list[d.AccountState] = field(default_factory=list)
     status_accounts: dict[str, d.AccountState] = field(default_factory=dict)
     touched_pendings: set[str] = field(default_factory=set)
+    touched_groups: set[str] = field(default_factory=set)  # sealed by commit/void group
     stored_places: dict[str, ChainPlace] = field(default_factory=dict)
 
 
@@ -239,6 +240,8 @@ class LedgerWriter:
             )
             if effect is result:
                 place = effect_place
+            if effect_place is not None:  # a retry later in this batch replays this place
+                batch.stored_places[effect.command_id] = effect_place
             self._track(state, batch, incoming.command, effect, partition)
             batch.results.append(_result_row(effect, effect_place, now))
         batch.outbox.append(result_message(result, incoming, place, now))
@@ -293,17 +296,20 @@ class LedgerWriter:
         if not effect.accepted:
             return
         kind = effect.kind
-        if kind == "define_asset":
-            batch.new_assets.append(state.assets[command.code])  # type: ignore[union-attr]
-        elif kind == "open_account":
-            batch.new_accounts.append(state.accounts[command.account_id])  # type: ignore[union-attr]
-        elif kind in ("freeze_account", "unfreeze_account", "close_account"):
-            account = state.accounts[command.account_id]  # type: ignore[union-attr]
+        if isinstance(command, d.DefineAsset) and kind == "define_asset":
+            batch.new_assets.append(state.assets[command.code])
+        elif isinstance(command, d.OpenAccount) and kind == "open_account":
+            batch.new_accounts.append(state.accounts[command.account_id])
+        elif isinstance(command, d.FreezeAccount | d.UnfreezeAccount | d.CloseAccount):
+            account = state.accounts[command.account_id]
             batch.status_accounts[account.id] = account
         elif kind == "post_pending":
             batch.partition_of[effect.command_id] = partition
             batch.touched_pendings.add(effect.command_id)
         batch.touched_pendings.update(effect.refs)
+        if kind in ("commit_group", "void_group") and effect.settlement_group is not None:
+            # A group whose members all expired has no refs, but the command still seals it.
+            batch.touched_groups.add(effect.settlement_group)
 
     async def _write(
         self,
@@ -326,11 +332,13 @@ class LedgerWriter:
                 for p in sorted(batch.touched_pendings)
             ],
         )
+        # Only groups the state holds can have changed: an expiry (expire_due loads no groups)
+        # releases a member but leaves its group's status alone.
         group_ids = {
             g
             for p in batch.touched_pendings
-            if (g := state.pendings[p].settlement_group) is not None
-        }
+            if (g := state.pendings[p].settlement_group) is not None and g in state.groups
+        } | batch.touched_groups
         await repo.upsert_groups(conn, [state.groups[g] for g in sorted(group_ids)])
         await repo.apply_balance_deltas(conn, deltas)
         if batch.heads:
