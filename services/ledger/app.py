@@ -11,6 +11,7 @@ import signal
 import asyncpg
 
 from shared.config import KafkaSettings, PostgresSettings
+from shared.runtime import tune_gc
 from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
@@ -23,7 +24,7 @@ log = logging.getLogger("harbour.ledger")
 async def run_ledger(
     kafka: KafkaSettings, postgres: PostgresSettings, settings: LedgerSettings, stop: asyncio.Event
 ) -> None:
-    """Run one writer (a member of the writer group) and the ledger's relay until ``stop``."""
+    """Run the writer group members and the ledger's results relay until ``stop``."""
     # No JSON codecs on this pool: the writer sends jsonb as text (COPY cannot cast).
     pool = await asyncpg.create_pool(
         postgres.database_url,
@@ -33,13 +34,18 @@ async def run_ledger(
     )
     assert pool is not None
     ledger = LedgerWriter(pool, topic=settings.commands_topic, group_id=settings.group_id)
-    writer = WriterLoop(pool, ledger, kafka.kafka_bootstrap, topic=settings.commands_topic,
-                        group_id=settings.group_id, max_records=settings.max_batch)
+    # Several group members per process: while one waits for PostgreSQL (its commit, its
+    # round trips), another decodes and applies its own partitions' batch on the same core.
+    writers = [
+        WriterLoop(pool, ledger, kafka.kafka_bootstrap, topic=settings.commands_topic,
+                   group_id=settings.group_id, max_records=settings.max_batch)
+        for _ in range(settings.writers)
+    ]
     relay = OutboxRelay(
         pool, "ledger", kafka.kafka_bootstrap, batch_size=settings.relay_batch, poll_interval_s=0.5
     )
     tasks = [
-        asyncio.create_task(writer.run(), name="ledger-writer"),
+        *(asyncio.create_task(w.run(), name=f"ledger-writer-{i}") for i, w in enumerate(writers)),
         asyncio.create_task(relay.run(), name="ledger-relay"),
     ]
     try:
@@ -49,7 +55,8 @@ async def run_ledger(
             if task is not stopped and task.exception() is not None:
                 raise task.exception()  # type: ignore[misc]
     finally:
-        writer.stop()
+        for w in writers:
+            w.stop()
         relay.stop()
         for task in tasks:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
@@ -65,6 +72,7 @@ def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        tune_gc()
         log.info("ledger writer starting")
         await run_ledger(KafkaSettings(), PostgresSettings(), LedgerSettings(), stop)
         log.info("ledger writer stopped")

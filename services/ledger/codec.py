@@ -16,17 +16,24 @@ import json
 import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from json.encoder import encode_basestring_ascii as _esc
 from typing import Any
 
 from shared.errors import ValidationError
 from shared.events import ledger as wire
-from shared.events.envelope import Envelope, decode, encode, new_envelope
+from shared.events.envelope import Envelope, typed_decoder
 from shared.events.topics import LEDGER_RESULTS
+from shared.ids import new_id
 from shared.store.outbox import OutboxMessage
 
 from . import domain as d
 
 PRODUCER = "harbour.ledger"
+_decode = typed_decoder(
+    wire.Post, wire.PostPending, wire.CommitPending, wire.VoidPending, wire.CommitGroup,
+    wire.VoidGroup, wire.DefineAsset, wire.OpenAccount, wire.FreezeAccount,
+    wire.UnfreezeAccount, wire.CloseAccount,
+)
 _AMOUNT_FIELDS = frozenset({"amount", "limit"})
 
 
@@ -118,7 +125,7 @@ REPLY_TOPIC_RE = re.compile(
 def read_record(value: bytes | None, key: bytes | None) -> Incoming | DeadLetter:
     """Decode one ``ledger.commands`` record (never raises for bad input)."""
     try:
-        envelope, payload = decode(value or b"")
+        envelope, payload = _decode(value or b"")
         command = to_domain(payload, envelope)
     except ValidationError as exc:
         return _malformed(value or b"", key, exc)
@@ -177,38 +184,50 @@ def result_message(
     place: ChainPlace | None,
     now: datetime | None = None,
 ) -> OutboxMessage:
-    """The PostingAccepted/PostingRejected envelope for one result, bound for the reply topic."""
-    payload: wire.PostingAccepted | wire.PostingRejected
+    """The PostingAccepted/PostingRejected envelope for one result, bound for the reply topic.
+
+    Assembled as JSON text rather than through the pydantic models: the writer makes one per
+    command on its hot path and produces every field itself. Tests decode these messages with
+    the strict decoder, which keeps this in step with the contracts in shared.events.ledger.
+    """
+    cid = _esc(result.command_id)
     if result.accepted:
-        payload = wire.PostingAccepted(
-            command_id=result.command_id,
-            command_type=result.kind,
-            posting_id=result.command_id if result.kind in d.POSTING_KINDS else None,
-            partition=place.partition if place else None,
-            sequence=place.sequence if place else None,
-            hash=place.hash.hex() if place else None,
-            duplicate=result.duplicate,
+        type_name = "ledger.PostingAccepted"
+        posting = result.kind in d.POSTING_KINDS
+        payload = (
+            '{"command_id":' + cid + ',"command_type":' + _esc(result.kind)
+            + ',"posting_id":' + (cid if posting else "null")
+            + ',"partition":' + (str(place.partition) if place else "null")
+            + ',"sequence":' + (str(place.sequence) if place else "null")
+            + ',"hash":' + ('"' + place.hash.hex() + '"' if place else "null")
+            + ',"duplicate":' + ("true" if result.duplicate else "false") + "}"
         )
     else:
-        payload = wire.PostingRejected(
-            command_id=result.command_id,
-            command_type=result.kind,
-            code=str(result.code),
-            detail=result.detail[:1000],
-            duplicate=result.duplicate,
+        type_name = "ledger.PostingRejected"
+        payload = (
+            '{"command_id":' + cid + ',"command_type":' + _esc(result.kind)
+            + ',"code":' + _esc(str(result.code)) + ',"detail":' + _esc(result.detail[:1000])
+            + ',"duplicate":' + ("true" if result.duplicate else "false") + "}"
         )
     source = incoming.envelope
-    envelope = new_envelope(
-        payload,
-        producer=PRODUCER,
-        participant=source.participant if source else "unknown",
-        correlation_id=source.correlation_id if source else None,
-        causation_id=source.event_id if source else None,
-        occurred_at=now or datetime.now(UTC),
+    stamp = '"' + (now or datetime.now(UTC)).isoformat() + '"'
+    event_id = '"' + str(new_id()) + '"'
+    envelope = (
+        '{"event_id":' + event_id + ',"type":"' + type_name + '","schema_version":1'
+        + ',"occurred_at":' + stamp + ',"recorded_at":' + stamp
+        + ',"producer":"' + PRODUCER + '"'
+        + ',"correlation_id":' + ('"' + str(source.correlation_id) + '"' if source else event_id)
+        + ',"causation_id":' + ('"' + str(source.event_id) + '"' if source else "null")
+        + ',"participant":' + (_esc(source.participant) if source else '"unknown"')
+        + ',"payload":' + payload + ',"reply_to":null}'
     )
     return OutboxMessage(
-        incoming.reply_to,
-        result.command_id.encode(),
-        encode(envelope),
-        {"type": payload.__class__.__name__},
+        incoming.reply_to, result.command_id.encode(), envelope.encode("ascii"),
+        _HEADERS[type_name],
     )
+
+
+_HEADERS = {
+    "ledger.PostingAccepted": {"type": "PostingAccepted"},
+    "ledger.PostingRejected": {"type": "PostingRejected"},
+}

@@ -190,8 +190,9 @@ async def load_accounts(conn: asyncpg.Connection, ids: Iterable[str]) -> list[d.
         return []
     rows = await conn.fetch(
         """SELECT a.id, a.participant, a.asset, a.debits_must_not_exceed_credits,
-                  a.credits_must_not_exceed_debits, a.limit_minor, a.status,
-                  b.debits_posted, b.credits_posted, b.debits_pending, b.credits_pending
+                  a.credits_must_not_exceed_debits, a.limit_minor::text, a.status,
+                  b.debits_posted::text, b.credits_posted::text, b.debits_pending::text,
+                  b.credits_pending::text
            FROM ledger.accounts a JOIN ledger.balances b ON b.account_id = a.id
            WHERE a.id = ANY($1::text[]) ORDER BY a.id FOR UPDATE OF b""",
         wanted,
@@ -284,7 +285,15 @@ async def update_account_status(
         )
 
 
+_INT8_MAX = 2**63 - 1
+
+
 async def apply_balance_deltas(conn: asyncpg.Connection, deltas: dict[str, d.BalanceDelta]) -> None:
+    """Add each account's four deltas in one statement.
+
+    Deltas travel as int8 (asyncpg encodes those several times faster than numeric) unless one
+    does not fit, then as text; PostgreSQL adds them to the numeric(38,0) columns exactly.
+    """
     if not deltas:
         return
     ids = sorted(deltas)
@@ -292,15 +301,18 @@ async def apply_balance_deltas(conn: asyncpg.Connection, deltas: dict[str, d.Bal
         [getattr(deltas[i], f) for i in ids]
         for f in ("debits_posted", "credits_posted", "debits_pending", "credits_pending")
     ]
+    fits = all(-_INT8_MAX <= v <= _INT8_MAX for col in cols for v in col)
+    kind = "int8" if fits else "text"
+    args = cols if fits else [[str(v) for v in col] for col in cols]
     await conn.execute(
-        """UPDATE ledger.balances b SET
+        f"""UPDATE ledger.balances b SET
                debits_posted = b.debits_posted + t.dp, credits_posted = b.credits_posted + t.cp,
                debits_pending = b.debits_pending + t.dq, credits_pending = b.credits_pending + t.cq
-           FROM unnest($1::text[], $2::numeric[], $3::numeric[], $4::numeric[], $5::numeric[])
+           FROM unnest($1::text[], $2::{kind}[], $3::{kind}[], $4::{kind}[], $5::{kind}[])
                 AS t(id, dp, cp, dq, cq)
            WHERE b.account_id = t.id""",
         ids,
-        *cols,
+        *args,
     )
 
 

@@ -232,7 +232,9 @@ class LedgerWriter:
     ) -> None:
         """Turn one command's result (and the expiries it caused) into rows and one reply."""
         place = batch.stored_places.get(result.command_id) if result.duplicate else None
-        for effect in result.effects():
+        # A duplicate replays the original Result, expired sub-results included: those were
+        # journalled with the original, so a replay writes nothing.
+        for effect in () if result.duplicate else result.effects():
             if not effect.recorded:
                 continue
             effect_place = (
