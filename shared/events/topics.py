@@ -42,6 +42,8 @@ CLEARING_COMMANDS = "clearing.commands"
 CLEARING_EVENTS = "clearing.events"
 BRIDGE_COMMANDS = "bridge.commands"
 BRIDGE_EVENTS = "bridge.events"
+# Ledger results addressed to one service (the ledger answers on the reply topic a command names).
+DEPOSITS_LEDGER_RESULTS = "deposits.ledger-results"
 
 # Consumer groups, one per service role; each has its dead-letter topic below.
 LEDGER_WRITER_GROUP = "harbour.ledger.writer"
@@ -62,6 +64,7 @@ TOPICS: tuple[TopicSpec, ...] = (
     TopicSpec(LEDGER_RESULTS, _LEDGER_PARTITIONS, retention_ms=30 * DAY_MS),
     TopicSpec(DEPOSITS_COMMANDS, _SERVICE_PARTITIONS),
     TopicSpec(DEPOSITS_EVENTS, _SERVICE_PARTITIONS, retention_ms=30 * DAY_MS),
+    TopicSpec(DEPOSITS_LEDGER_RESULTS, _SERVICE_PARTITIONS, retention_ms=30 * DAY_MS),
     TopicSpec(RESERVES_COMMANDS, _SERVICE_PARTITIONS),
     TopicSpec(RESERVES_EVENTS, _SERVICE_PARTITIONS, retention_ms=30 * DAY_MS),
     TopicSpec(CLEARING_COMMANDS, _SERVICE_PARTITIONS),
