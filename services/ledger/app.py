@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import subprocess
 
 import asyncpg
 
@@ -15,6 +16,7 @@ from shared.runtime import tune_gc
 from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
+from .relay import spawn_child
 from .settings import LedgerSettings
 from .writer import LedgerWriter
 
@@ -41,13 +43,15 @@ async def run_ledger(
                    group_id=settings.group_id, max_records=settings.max_batch)
         for _ in range(settings.writers)
     ]
-    relay = OutboxRelay(
-        pool, "ledger", kafka.kafka_bootstrap, batch_size=settings.relay_batch, poll_interval_s=0.5
-    )
-    tasks = [
-        *(asyncio.create_task(w.run(), name=f"ledger-writer-{i}") for i, w in enumerate(writers)),
-        asyncio.create_task(relay.run(), name="ledger-relay"),
-    ]
+    tasks = [asyncio.create_task(w.run(), name=f"ledger-writer-{i}") for i, w in enumerate(writers)]
+    relay: OutboxRelay | None = None
+    children: list[subprocess.Popen[bytes]] = []
+    if settings.relay_process:
+        tasks.append(asyncio.create_task(_keep_relay_running(children, stop), name="relay-child"))
+    else:
+        relay = OutboxRelay(pool, "ledger", kafka.kafka_bootstrap,
+                            batch_size=settings.relay_batch, poll_interval_s=0.5)
+        tasks.append(asyncio.create_task(relay.run(), name="ledger-relay"))
     try:
         stopped = asyncio.create_task(stop.wait())
         done, _ = await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
@@ -57,11 +61,26 @@ async def run_ledger(
     finally:
         for w in writers:
             w.stop()
-        relay.stop()
+        if relay is not None:
+            relay.stop()
+        for child in children:
+            child.terminate()
+            await asyncio.to_thread(child.wait, 15)
         for task in tasks:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(task, timeout=15)
         await pool.close()
+
+
+async def _keep_relay_running(children: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> None:
+    """Run the relay child; start it again if it dies (results must keep flowing)."""
+    while not stop.is_set():
+        if not children or children[-1].poll() is not None:
+            if children:
+                log.warning("relay child exited with %s; restarting", children[-1].returncode)
+            children[:] = [spawn_child()]
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(stop.wait(), timeout=1.0)
 
 
 def main() -> None:

@@ -292,7 +292,8 @@ async def apply_balance_deltas(conn: asyncpg.Connection, deltas: dict[str, d.Bal
     """Add each account's four deltas in one statement.
 
     Deltas travel as int8 (asyncpg encodes those several times faster than numeric) unless one
-    does not fit, then as text; PostgreSQL adds them to the numeric(38,0) columns exactly.
+    does not fit, then as numeric; PostgreSQL adds them to the numeric(38,0) columns exactly.
+    (Not as text: there is no ``numeric + text`` operator.)
     """
     if not deltas:
         return
@@ -302,8 +303,8 @@ async def apply_balance_deltas(conn: asyncpg.Connection, deltas: dict[str, d.Bal
         for f in ("debits_posted", "credits_posted", "debits_pending", "credits_pending")
     ]
     fits = all(-_INT8_MAX <= v <= _INT8_MAX for col in cols for v in col)
-    kind = "int8" if fits else "text"
-    args = cols if fits else [[str(v) for v in col] for col in cols]
+    kind = "int8" if fits else "numeric"
+    args = cols
     await conn.execute(
         f"""UPDATE ledger.balances b SET
                debits_posted = b.debits_posted + t.dp, credits_posted = b.credits_posted + t.cp,

@@ -1,0 +1,66 @@
+"""The ledger's results relay as a process of its own: ``python -m services.ledger.relay``.
+
+The relay publishes the writer's outbox (PostingAccepted/PostingRejected, dead letters). Publishing
+costs CPU per record in aiokafka; in its own process it runs on the other core instead of taking
+turns with the writer. One relay per schema holds the advisory lock (shared.store.outbox), so a
+second one is a hot standby, and running it in or out of the writer's process is equally safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+
+from shared.config import KafkaSettings, PostgresSettings
+from shared.runtime import tune_gc
+from shared.store.outbox import OutboxRelay
+
+from .settings import LedgerSettings
+
+log = logging.getLogger("harbour.ledger.relay")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    # A relay orphaned by a SIGKILLed writer would hold the advisory lock; let the kernel end it.
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn_child() -> subprocess.Popen[bytes]:
+    """Start the relay as a child that dies with this process (Linux)."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.ledger.relay"], preexec_fn=_die_with_parent,
+    )
+
+
+async def run_relay(kafka: KafkaSettings, postgres: PostgresSettings, settings: LedgerSettings,
+                    stop: asyncio.Event) -> None:
+    relay = OutboxRelay(postgres.database_url, "ledger", kafka.kafka_bootstrap,
+                        batch_size=settings.relay_batch, poll_interval_s=0.5)
+    task = asyncio.create_task(relay.run(), name="ledger-relay")
+    await stop.wait()
+    relay.stop()
+    await asyncio.wait_for(task, timeout=15)
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tune_gc()
+        await run_relay(KafkaSettings(), PostgresSettings(), LedgerSettings(), stop)
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()
