@@ -8,6 +8,7 @@ import typer
 from rich.console import Console
 
 from services.cli.bench import bench_app
+from services.cli.dlq import dlq_app
 from services.ledger.cli import ledger_app, verify_command
 from shared.config import KafkaSettings, PostgresSettings, StackSettings
 
@@ -18,6 +19,7 @@ stack_app = typer.Typer(help="The local stack (embedded PostgreSQL + Apache Kafk
 app.add_typer(stack_app, name="stack")
 app.add_typer(bench_app, name="bench")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(dlq_app, name="dlq")
 console = Console()
 
 

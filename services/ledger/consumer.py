@@ -70,6 +70,8 @@ class WriterLoop:
             session_timeout_ms=10_000,
         )
         self.applied = 0
+        self._pending_commit: dict[TopicPartition, int] = {}
+        self._commit_task: asyncio.Task[None] | None = None
 
     async def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
         async with self._pool.acquire() as conn:
@@ -132,8 +134,15 @@ class WriterLoop:
             await self.seek_to_stored(list(batch))
             return
         self.applied += report.applied
-        offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
-        with contextlib.suppress(Exception):  # informational only: PostgreSQL holds the truth
+        self._pending_commit.update({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+        if self._commit_task is None or self._commit_task.done():
+            # Kafka offsets are informational (lag tools); PostgreSQL holds the truth. Commit in
+            # the background, one request at a time, so the broker round trip is off the path.
+            offsets, self._pending_commit = self._pending_commit, {}
+            self._commit_task = asyncio.create_task(self._commit(offsets))
+
+    async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
+        with contextlib.suppress(Exception):
             await self.consumer.commit(offsets)
 
     async def _expire(self) -> None:
