@@ -16,7 +16,7 @@ GRANT SELECT, INSERT ON ledger.postings, ledger.entries, ledger.results TO harbo
 REVOKE UPDATE, DELETE, TRUNCATE ON ledger.postings, ledger.entries, ledger.results FROM harbour_ledger;
 -- Reference data, projections and progress the writer keeps current.
 GRANT SELECT, INSERT ON ledger.assets TO harbour_ledger;
-GRANT SELECT, INSERT, UPDATE ON ledger.accounts, ledger.balances, ledger.pendings,
+GRANT SELECT, INSERT, UPDATE ON ledger.accounts, ledger.balances, ledger.pendings, ledger.settlement_groups,
     ledger.chain_heads, ledger.consumed_offsets TO harbour_ledger;
 GRANT SELECT, INSERT, UPDATE ON ledger.outbox, ledger.inbox TO harbour_ledger;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA ledger TO harbour_ledger;

@@ -124,6 +124,12 @@ REPLY_TOPIC_RE = re.compile(
 
 def read_record(value: bytes | None, key: bytes | None) -> Incoming | DeadLetter:
     """Decode one ``ledger.commands`` record (never raises for bad input)."""
+    if value and b"\\u0000" in value:
+        # NUL is valid JSON but PostgreSQL text and jsonb cannot hold it: in an id, a participant,
+        # a reference or an error message it would fail the whole batch's transaction. Strict
+        # JSON cannot carry a raw NUL in a string, so the escape is the only way in.
+        return DeadLetter(ValidationError(
+            "record contains \\u0000 (NUL), which the ledger cannot store", code="malformed_json"))
     try:
         envelope, payload = _decode(value or b"")
         command = to_domain(payload, envelope)

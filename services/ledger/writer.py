@@ -348,11 +348,11 @@ class LedgerWriter:
         await self._outbox.add_many(conn, batch.outbox)
 
     def _dead_letter(self, record: Record, dead: DeadLetter) -> OutboxMessage:
-        headers = {k: v.decode("utf-8", "replace") for k, v in record.headers}
+        headers = {_text(k): _text(v.decode("utf-8", "replace")) for k, v in record.headers}
         headers.update(
             {
                 "x-harbour-error-code": dead.error.code,
-                "x-harbour-error": dead.error.message[:1000],
+                "x-harbour-error": _text(dead.error.message[:1000]),
                 "x-harbour-original-topic": self._topic,
                 "x-harbour-original-partition": str(record.partition),
                 "x-harbour-original-offset": str(record.offset),
@@ -365,6 +365,11 @@ class LedgerWriter:
 _EXPIRY_REPLY = Incoming(
     command=d.MalformedCommand("expire", b""), envelope=None, reply_to=LEDGER_RESULTS, key=None
 )
+
+
+def _text(value: str) -> str:
+    """Outbox headers are jsonb, which refuses NUL: a hostile header must not fail the batch."""
+    return value.replace("\x00", "\ufffd")
 
 
 def _next_offsets(fresh: list[tuple[Record, Any]]) -> dict[int, int]:
