@@ -9,6 +9,8 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
+from services.deposits.bench import command as deposits_bench
+
 bench_app = typer.Typer(help="Benchmarks (throughput and latency beside the raw ceiling).",
                         no_args_is_help=True)
 # Wide enough for the report's notes when piped to a file or CI log.
@@ -69,3 +71,6 @@ def ledger(
         raise typer.Exit(130)
     if report.error:
         raise typer.Exit(1)
+
+
+bench_app.command("deposits")(deposits_bench)

@@ -1016,7 +1016,9 @@ def _on_tick(d: _Decision[Transfer], ctx: Context) -> None:
     if t.route != "interbank":
         return
     if t.status in _WAITING and t.hold_deadline is not None and now >= t.hold_deadline:
-        code: ev.ExpiryCode = "queued_past_cutoff" if t.status is TS.QUEUED else "hold_timeout"
+        # A queued transfer whose retry is with the ledger (settling) is still in the queue.
+        code: ev.ExpiryCode = ("queued_past_cutoff" if t.queued_since is not None
+                               else "hold_timeout")
         _expire(d, code, t.hold_deadline)
     elif t.status is TS.INTERBANK_REQUESTED and t.confirm_by is not None and now >= t.confirm_by:
         _expire(d, "confirmation_timeout", t.confirm_by)

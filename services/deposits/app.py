@@ -1,0 +1,184 @@
+"""Composition root of the deposits service: pool, broker and routers, outbox relay, scheduler.
+
+``python -m services.deposits.app`` runs it until SIGTERM/SIGINT (``make up`` starts it under the
+supervisor). Environment: ``HARBOUR_KAFKA_BOOTSTRAP``, ``HARBOUR_DATABASE_URL`` and the
+``HARBOUR_DEPOSITS_*`` settings (topics, group, timings, per-currency configuration).
+
+The scheduler is the saga's clock (an injectable :class:`~shared.clock.Clock`): every
+``tick_interval_s`` it sends a ``Tick`` to each transfer whose ``next_wakeup`` is due (a window
+opens, a hold deadline or the agent's confirmation deadline passes) and every
+``queue_retry_interval_s`` it wakes the head of every non-empty settlement queue
+(``RetrySettlement``, TD-5). Several instances may run: each decision takes the stream's lock and
+a tick that finds nothing to do records nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from datetime import timedelta
+
+from shared.clock import Clock, SystemClock
+from shared.config import KafkaSettings, PostgresSettings
+from shared.messaging.broker import make_broker
+from shared.messaging.dlq import DeadLetterMiddleware
+from shared.runtime import tune_gc
+from shared.store.outbox import OutboxRelay
+from shared.store.pool import create_pool
+
+from . import domain as dm
+from .router import build_router
+from .service import DepositsService, Outcome, Topics
+from .settings import DepositsSettings
+
+__all__ = ["Scheduler", "main", "run_deposits"]
+
+log = logging.getLogger("harbour.deposits")
+POSTPONE_FAILED_TICK_S = 60
+
+
+class Scheduler:
+    """Wakes due transfers and settlement queues by the clock (module docstring)."""
+
+    def __init__(self, service: DepositsService, clock: Clock, *, tick_interval_s: float,
+                 queue_retry_interval_s: float) -> None:
+        self._service = service
+        self._clock = clock
+        self._tick_s = tick_interval_s
+        self._queue_s = queue_retry_interval_s
+        self._stopping = asyncio.Event()
+        self.ticks = 0
+        self.retries = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        next_queue_round = 0.0  # at start: pick up queues a crash may have left un-woken
+        while not self._stopping.is_set():
+            try:
+                await self.tick_due()
+                if loop.time() >= next_queue_round:
+                    self.retries += await self._service.dispatch(
+                        await self._service.queue_keys())
+                    next_queue_round = loop.time() + self._queue_s
+            except Exception:  # keep the clock running; the next round tries again
+                log.exception("scheduler round failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), self._tick_s)
+
+    async def tick_due(self) -> int:
+        """One round: ``Tick`` every due transfer; wake queues the ticks moved."""
+        woken = 0
+        while True:
+            due = await self._service.due_streams(self._clock.now())
+            for stream in due:
+                try:
+                    outcome = await self._service.wake(stream, dm.Tick())
+                    woken += 1
+                    if outcome.wake_queues:
+                        self.retries += await self._service.dispatch(outcome.wake_queues)
+                except Exception:
+                    # One transfer that cannot be decided must not hold up every other wake-up:
+                    # look at it again later (ops see the error in the log).
+                    log.exception("tick of %s failed; retrying in %s s", stream,
+                                  POSTPONE_FAILED_TICK_S)
+                    await self._service.postpone(stream, self._clock.now() + timedelta(
+                        seconds=POSTPONE_FAILED_TICK_S))
+            if len(due) < 500 or self._stopping.is_set():
+                self.ticks += woken
+                return woken
+
+
+async def run_deposits(
+    kafka: KafkaSettings,
+    postgres: PostgresSettings,
+    settings: DepositsSettings,
+    stop: asyncio.Event,
+    *,
+    clock: Clock | None = None,
+    started: Callable[[DepositsService], Awaitable[None] | None] | None = None,
+) -> None:
+    """Run the subscribers, the relay and the scheduler until ``stop`` is set."""
+    clock = clock or SystemClock()
+    # No reset query on release (asyncpg's default is a round trip per message): this service
+    # leaves no session state behind (no LISTEN, no session locks, statements only in the
+    # transactions they open). The relay, which LISTENs and holds a session lock, gets its own
+    # connection instead of one from this pool.
+    pool = await create_pool(postgres.database_url, min_size=2, max_size=settings.pool_size,
+                             application_name="harbour-deposits", reset=_no_reset)
+    service = DepositsService(
+        pool, settings.deposits_config(), clock=clock, cache_size=settings.state_cache,
+        topics=Topics(events=settings.events_topic,
+                      ledger_commands=settings.ledger_commands_topic,
+                      ledger_results=settings.ledger_results_topic))
+
+    async def wake_queues(outcome: Outcome) -> None:
+        if outcome.wake_queues:
+            await service.dispatch(outcome.wake_queues)
+
+    # FastStream logs every record at INFO by default: per-record lines belong at DEBUG.
+    broker = make_broker(kafka, dead_letters=DeadLetterMiddleware(
+        max_attempts=settings.max_attempts), log_level=logging.DEBUG)
+    broker.include_router(build_router(service, settings, after=wake_queues))
+    relay = OutboxRelay(postgres.database_url, "deposits", kafka.kafka_bootstrap,
+                        batch_size=settings.relay_batch,
+                        poll_interval_s=settings.relay_poll_s,
+                        producer_options={"linger_ms": settings.relay_linger_ms})
+    scheduler = Scheduler(service, clock, tick_interval_s=settings.tick_interval_s,
+                          queue_retry_interval_s=settings.queue_retry_interval_s)
+    tasks: list[asyncio.Task[None]] = []
+    try:
+        tasks.append(asyncio.create_task(relay.run(), name="deposits-relay"))
+        await broker.start()
+        tasks.append(asyncio.create_task(scheduler.run(), name="deposits-scheduler"))
+        if started is not None:
+            maybe = started(service)
+            if maybe is not None:
+                await maybe
+        stopped = asyncio.create_task(stop.wait())
+        done, _ = await asyncio.wait([*tasks, stopped], return_when=asyncio.FIRST_COMPLETED)
+        for task in done:
+            if task is not stopped and task.exception() is not None:
+                raise task.exception()  # type: ignore[misc]
+        stopped.cancel()
+    finally:
+        # Consumers first (no new work), then the scheduler, then the relay drains what is left.
+        with contextlib.suppress(Exception):
+            await broker.stop()
+        scheduler.stop()
+        relay.stop()
+        for task in tasks:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(task, timeout=15)
+        await pool.close()
+
+
+async def _no_reset(_: object) -> None:
+    return None
+
+
+def main() -> None:
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    stop = asyncio.Event()
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tune_gc()
+        log.info("deposits service starting")
+        await run_deposits(KafkaSettings(client_id="harbour-deposits"), PostgresSettings(),
+                           DepositsSettings(), stop)
+        log.info("deposits service stopped")
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    main()

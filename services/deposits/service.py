@@ -1,0 +1,589 @@
+"""The deposits application service: one PostgreSQL transaction per message.
+
+Every message (a command from ``deposits.commands``, a ledger answer from the deposits reply
+topic, or an internal :class:`~services.deposits.domain.Tick` / ``RetrySettlement`` from the
+scheduler) is decided and recorded as one unit of work:
+
+1. find the stream: :func:`~services.deposits.domain.stream_of` for commands, the
+   ``ledger_key -> stream`` route remembered with each request for ledger answers (unknown keys
+   are not ours: a no-op);
+2. read the stream (an in-process cache keeps decided states; only newer events are read) and
+   the :class:`~services.deposits.domain.Context` (clock, configuration, the participants and
+   wallets the decision names, the payer's queue depth) in one query, and decide;
+3. record the decision in one transaction, ``deposits.record_decision`` (migration 0001): the
+   inbox claim ``(consumer, envelope event id)`` (a redelivered record is a no-op), the events
+   appended after the version decided from (the events primary key is the optimistic-concurrency
+   guard: a stream that moved on is a ``ConcurrencyError``, and the message is decided again on
+   the fresh state), the outbox rows (public events to the events topic keyed by the stream's id;
+   ledger commands to ``ledger.commands`` with the deterministic envelope id of
+   ``accounts.ledger_event_id`` and ``reply_to`` the deposits reply topic), the ledger routes and
+   the read-model row (transfers, conversions, participants, wallets). The function does what
+   ``Inbox.claim``, ``EventStore.append`` and ``Outbox.add_many`` do, on the same tables with the
+   same guards, in one round trip instead of six: on a two-core machine the round trips, not the
+   decisions, were the cost of a message.
+
+A refusal by a business rule on an existing aggregate (``DepositsError``, or ``id_conflict``)
+records nothing on the stream; it is stored in ``deposits.refusals`` with its code (audit trail,
+X-7) in the same transaction as the inbox claim, so it is answered once. Malformed input never gets
+this far: the router lets ``shared.events.envelope.decode`` raise ``ValidationError`` and the
+dead-letter middleware parks the record with the reason. Internal commands carry no envelope and
+need no inbox: a tick that finds nothing to do records nothing.
+
+After commit the outcome says which settlement queues (TD-5) may move: the bank's settlement
+account was funded or credited, or a transfer left its queue. :meth:`dispatch` wakes the head of
+such a queue with ``RetrySettlement``; the scheduler also retries non-empty queues periodically,
+so a wake-up lost to a crash only delays.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import random
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Final
+
+import asyncpg
+
+from shared.clock import Clock, SystemClock
+from shared.errors import (
+    ConcurrencyError,
+    DomainError,
+    HarbourError,
+    IdempotencyConflictError,
+    ValidationError,
+)
+from shared.events import deposits as ev
+from shared.events.envelope import Envelope, encode, new_envelope
+from shared.events.ledger import PostingAccepted, PostingRejected
+from shared.events.registry import Payload, resolve, type_of
+from shared.ids import new_id
+from shared.store.errors import retrying, translated
+from shared.store.event_store import NewEvent
+from shared.store.outbox import OutboxMessage
+
+from . import accounts as acc
+from . import domain as dm
+from .calendar import DepositsConfig
+
+__all__ = [
+    "CONSUMER_COMMANDS",
+    "CONSUMER_LEDGER_RESULTS",
+    "PRODUCER",
+    "DepositsService",
+    "Outcome",
+    "Topics",
+]
+
+log = logging.getLogger("harbour.deposits")
+
+SCHEMA: Final = "deposits"
+PRODUCER: Final = "harbour.deposits"
+# Inbox consumer names: logical roles, not topic or group names, so that a renamed topic or a new
+# consumer group still finds the records it already processed.
+CONSUMER_COMMANDS: Final = "deposits.commands"
+CONSUMER_LEDGER_RESULTS: Final = "deposits.ledger-results"
+# pg_advisory_xact_lock(int4, int4): this class id plus hashtext(stream id) ("HDEP").
+STREAM_LOCK_CLASS: Final = 0x48444550
+MAX_CONFLICT_RETRIES: Final = 8
+# A tick that found nothing to do while its wake-up is due is not re-run before this.
+_IDLE_TICK_BACKOFF: Final = timedelta(seconds=1)
+_PUBLISHED: Final = frozenset(ev.PUBLISHED_EVENTS)
+
+Decide = Callable[[Any, Any, dm.Context], list[Payload]]
+Evolve = Callable[[Any, Payload], Any]
+_AGGREGATES: Final[dict[str, tuple[Decide, Evolve]]] = {
+    "transfer": (dm.decide_transfer, dm.evolve_transfer),
+    "conversion": (dm.decide_conversion, dm.evolve_conversion),
+    "participant": (dm.decide_participant, dm.evolve_participant),
+    "wallet": (dm.decide_wallet, dm.evolve_wallet),
+}
+Internal = dm.Tick | dm.RetrySettlement
+
+
+@dataclass(frozen=True, slots=True)
+class Topics:
+    """Where the service's records go (settings make them per-deployment, tests unique)."""
+
+    events: str
+    ledger_commands: str
+    ledger_results: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What one message did, for the router's logs, the dispatcher and tests."""
+
+    stream: str | None
+    events: tuple[Payload, ...] = ()
+    duplicate: bool = False
+    refusal: HarbourError | None = None
+    wake_queues: frozenset[str] = frozenset()
+    state: Any = None
+
+
+@dataclass(slots=True)
+class _Cached:
+    version: int
+    state: Any
+
+
+@dataclass(slots=True)
+class _Directory:
+    """Parsed participant and wallet states, keyed by (key, stream version)."""
+
+    max_size: int
+    parsed: OrderedDict[tuple[str, int], Any] = field(default_factory=OrderedDict)
+
+    def get(self, key: str, version: int, raw: str, cls: type[Any]) -> Any:
+        found = self.parsed.get((key, version))
+        if found is None:
+            found = cls.model_validate_json(raw)
+            self.parsed[(key, version)] = found
+            while len(self.parsed) > self.max_size:
+                self.parsed.popitem(last=False)
+        return found
+
+
+class DepositsService:
+    """Decides deposits messages against the ``deposits`` schema (module docstring)."""
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        config: DepositsConfig,
+        *,
+        topics: Topics,
+        clock: Clock | None = None,
+        cache_size: int = 20_000,
+        producer: str = PRODUCER,
+    ) -> None:
+        self._pool = pool
+        self.config = config
+        self.topics = topics
+        self.clock: Clock = clock or SystemClock()
+        self.producer = producer
+        self._cache: OrderedDict[str, _Cached] = OrderedDict()
+        self._routes: OrderedDict[str, str] = OrderedDict()
+        self._queues: set[str] = set()
+        """Settlement queues known to hold transfers (refreshed by :meth:`queue_keys`)."""
+        self._cache_size = cache_size
+        self._directory = _Directory(max_size=cache_size)
+
+    # --- entry points --------------------------------------------------------------------------
+
+    async def handle_command(self, envelope: Envelope, payload: Payload) -> Outcome:
+        """A record from ``deposits.commands``.
+
+        Raises:
+            ValidationError: ``unknown_type``: the payload is not a deposits command (an event,
+                a ledger result, another domain's command): the router dead-letters it.
+        """
+        stream = dm.stream_of(payload)
+        if stream is None:
+            raise ValidationError(f"{envelope.type} is not a deposits command",
+                                  code="unknown_type", type=envelope.type)
+        return await self._run(CONSUMER_COMMANDS, envelope, payload, stream)
+
+    async def handle_ledger_result(self, envelope: Envelope, payload: Payload) -> Outcome:
+        """A ``PostingAccepted``/``PostingRejected`` from the deposits reply topic."""
+        if not isinstance(payload, PostingAccepted | PostingRejected):
+            raise ValidationError(f"{envelope.type} is not a ledger result",
+                                  code="unknown_type", type=envelope.type)
+        return await self._run(CONSUMER_LEDGER_RESULTS, envelope, payload, None)
+
+    async def wake(self, stream: str, command: Internal) -> Outcome:
+        """Deliver an internal command (the scheduler's Tick, the queue's RetrySettlement)."""
+        if not stream.startswith("transfer:"):
+            raise ValueError(f"internal commands go to transfers, not {stream!r}")
+        return await self._run(None, None, command, stream)
+
+    async def dispatch(self, queue_keys: Iterable[str], *, rounds: int = 64) -> int:
+        """Wake the head of each queue with ``RetrySettlement``; follow the queues it moves.
+
+        A head already retrying (its attempt is with the ledger) is left alone: its answer
+        decides what happens next. Queues this process has not seen hold anything since the
+        last :meth:`queue_keys` are skipped without a query (the periodic round covers queues
+        other instances filled). Returns how many retries were sent.
+        """
+        pending = {k for k in queue_keys if k in self._queues}
+        sent = 0
+        while pending and rounds > 0:
+            rounds -= 1
+            key = pending.pop()
+            row = await self._pool.fetchrow(
+                "SELECT uetr, retrying FROM deposits.transfers WHERE queue_key = $1 "
+                "ORDER BY queued_since, uetr LIMIT 1", key)
+            if row is None:
+                self._queues.discard(key)
+                continue
+            if row["retrying"]:
+                continue
+            try:
+                outcome = await self.wake(f"transfer:{row['uetr']}", dm.RetrySettlement())
+            except Exception:  # the periodic round retries it; the other queues go on
+                log.exception("retry of the head of queue %s failed", key)
+                continue
+            sent += 1
+            pending |= {k for k in outcome.wake_queues if k in self._queues}
+        return sent
+
+    async def due_streams(self, now: datetime, limit: int = 500) -> list[str]:
+        """Transfers whose ``next_wakeup`` is due at ``now``, earliest first."""
+        rows = await self._pool.fetch(
+            "SELECT uetr FROM deposits.transfers WHERE next_wakeup_at <= $1 "
+            "ORDER BY next_wakeup_at LIMIT $2", now, limit)
+        return [f"transfer:{r['uetr']}" for r in rows]
+
+    async def postpone(self, stream: str, until: datetime) -> None:
+        """Move a transfer's wake-up to ``until`` (a tick of it failed; try again later)."""
+        await self._pool.execute(
+            "UPDATE deposits.transfers SET next_wakeup_at = $2 WHERE uetr = $1",
+            stream.split(":", 1)[1], until)
+
+    async def queue_keys(self) -> list[str]:
+        """Every settlement queue that holds at least one transfer."""
+        rows = await self._pool.fetch(
+            "SELECT DISTINCT queue_key FROM deposits.transfers WHERE queue_key IS NOT NULL")
+        self._queues = {r["queue_key"] for r in rows}
+        return sorted(self._queues)
+
+    # --- the unit of work ----------------------------------------------------------------------
+
+    async def _run(self, consumer: str | None, envelope: Envelope | None, command: Any,
+                   stream: str | None) -> Outcome:
+        for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
+            try:
+                return await retrying(
+                    lambda: self._decide_and_record(consumer, envelope, command, stream))
+            except ConcurrencyError as exc:
+                # Another writer appended to the stream first: our view of it is stale.
+                self._cache.pop(str(exc.details.get("stream_id", stream)), None)
+                if attempt == MAX_CONFLICT_RETRIES:
+                    raise
+                await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _decide_and_record(self, consumer: str | None, envelope: Envelope | None,
+                                 command: Any, stream: str | None) -> Outcome:
+        async with self._pool.acquire() as conn:
+            if stream is None:
+                stream = self._routes.get(command.command_id) or await conn.fetchval(
+                    "SELECT stream_id FROM deposits.ledger_routes WHERE ledger_key = $1",
+                    command.command_id)
+                if stream is None:
+                    return Outcome(None)  # not an answer to anything we asked
+            decide, evolve = _AGGREGATES[stream.split(":", 1)[0]]
+            version, state, ctx = await self._read(conn, stream, command, evolve)
+            refusal: HarbourError | None = None
+            try:
+                events = decide(state, command, ctx)
+            except (DomainError, IdempotencyConflictError) as exc:
+                # DepositsError and InstructionConflictError (id_conflict): nothing is recorded
+                # on the stream; the refusal is kept with the message that caused it.
+                refusal, events = exc, []
+            if not events:
+                if refusal is not None and envelope is not None and consumer is not None:
+                    log.info("%s %s refused on %s: %s (%s)", envelope.type, envelope.event_id,
+                             stream, refusal.code, refusal.message)
+                    await self._record(conn, stream, version, consumer, envelope, [], None,
+                                       ctx.now, refusal)
+                elif envelope is None and isinstance(state, dm.Transfer):
+                    await self._reschedule(conn, state, ctx.now)
+                return Outcome(stream, refusal=refusal, state=state)
+            new_state = dm.fold(evolve, events, state)
+            status = await self._record(conn, stream, version, consumer, envelope, events,
+                                        new_state, ctx.now, None)
+        if status == "duplicate":
+            return Outcome(stream, duplicate=True)
+        self._put(stream, _Cached(version + len(events), new_state))
+        for event in events:
+            if isinstance(event, ev.LedgerCommandRequested):
+                self._remember_route(event.ledger_key, stream)
+        return Outcome(stream, tuple(events), wake_queues=_queues_to_wake(state, new_state,
+                                                                           events),
+                       state=new_state)
+
+    async def _record(self, conn: asyncpg.Connection, stream: str, version: int,
+                      consumer: str | None, envelope: Envelope | None,
+                      events: Sequence[Payload], state: Any, now: datetime,
+                      refusal: HarbourError | None) -> str:
+        """Write one decision (``deposits.record_decision``): inbox claim, events with the
+        expected version, outbox rows, ledger routes, read model, refusal. Returns ``ok`` or
+        ``duplicate``; raises ``ConcurrencyError`` when the stream moved on."""
+        ids = [new_id() for _ in events]
+        stored = [self._stored(e, i, envelope) for e, i in zip(events, ids, strict=True)]
+        messages = self._messages(stream, events, ids, envelope, state)
+        asked = [e for e in events if isinstance(e, ev.LedgerCommandRequested)]
+        view, row = self._view_row(state, version + len(events), now)
+        refused = None
+        if refusal is not None and envelope is not None:
+            refused = json.dumps({
+                "message_id": str(envelope.event_id), "stream_id": stream,
+                "command_type": envelope.type, "participant": envelope.participant,
+                "code": refusal.code, "detail": refusal.message[:1000]})
+        with translated():
+            status = await conn.fetchval(
+                _RECORD_SQL, stream, version,
+                consumer if envelope is not None else None,
+                str(envelope.event_id) if envelope is not None else None,
+                [e.event_id for e in stored], [e.type for e in stored],
+                [e.schema_version for e in stored], [json.dumps(e.payload) for e in stored],
+                [json.dumps(e.metadata) for e in stored],
+                [m.topic for m in messages], [m.key for m in messages],
+                [m.value for m in messages], [json.dumps(m.headers) for m in messages],
+                [e.ledger_key for e in asked], [e.purpose for e in asked],
+                [e.command_id for e in asked], view, row, refused)
+        if status == "conflict":
+            raise ConcurrencyError(f"stream {stream!r} moved past version {version}",
+                                   stream_id=stream, expected_version=version)
+        return str(status)
+
+    async def _read(self, conn: asyncpg.Connection, stream: str, command: Any, evolve: Evolve
+                    ) -> tuple[int, Any, dm.Context]:
+        """The stream (cached state plus newer events) and the decision's context, in one
+        round trip when the parties are known up front (a warm cache or a command naming
+        them), in two otherwise."""
+        cached = self._cache.get(stream)
+        version, state = (cached.version, cached.state) if cached else (0, None)
+        parties = _parties(state if state is not None else command)
+        if parties is None and cached is None and not isinstance(command, _NAMES_NOBODY):
+            version, state = self._fold(stream, version, state, evolve, await conn.fetch(
+                _READ_SQL, stream, version, [], [], [], None, None))
+            parties = _parties(state)
+        banks, wallets, queue = parties or (set(), set(), None)
+        w = sorted(wallets)
+        rows = await conn.fetch(_READ_SQL, stream, version, sorted(banks), [b for b, _ in w],
+                                [i for _, i in w], queue[0] if queue else None,
+                                queue[1] if queue else None)
+        version, state = self._fold(stream, version, state, evolve, rows)
+        participants: dict[str, dm.Participant] = {}
+        directory: dict[str, dm.Wallet] = {}
+        depth: dict[str, int] = {}
+        for kind, number, key, _, raw in rows:
+            if kind == "p":
+                participants[key] = self._directory.get(key, number, raw, dm.Participant)
+            elif kind == "w":
+                directory[key] = self._directory.get(key, number, raw, dm.Wallet)
+            elif kind == "q" and number:
+                depth[key] = int(number)
+        ctx = dm.Context(now=self.clock.now(), config=self.config, participants=participants,
+                         wallets=directory, queue_depth=depth)
+        return version, state, ctx
+
+    def _fold(self, stream: str, version: int, state: Any, evolve: Evolve,
+              rows: Sequence[asyncpg.Record]) -> tuple[int, Any]:
+        events = sorted((r for r in rows if r[0] == "e"), key=lambda r: r[1])
+        for _, number, name, schema_version, raw in events:
+            # Our own JSON: lax mode takes its ISO strings and lists for tuples.
+            payload = resolve(name, schema_version).model_validate(json.loads(raw),
+                                                                   strict=False)
+            state = evolve(state, payload)
+            version = number
+        if events:
+            self._put(stream, _Cached(version, state))
+        return version, state
+
+    def _put(self, stream: str, value: _Cached) -> None:
+        if self._cache_size <= 0:
+            return
+        self._cache[stream] = value
+        self._cache.move_to_end(stream)
+        while len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    def _remember_route(self, ledger_key: str, stream: str) -> None:
+        if self._cache_size <= 0:
+            return
+        self._routes[ledger_key] = stream
+        while len(self._routes) > self._cache_size:
+            self._routes.popitem(last=False)
+
+    # --- what is written -----------------------------------------------------------------------
+
+    def _stored(self, event: Payload, event_id: Any, envelope: Envelope | None) -> NewEvent:
+        name, version = type_of(event)
+        metadata: dict[str, Any] = {"producer": self.producer}
+        if envelope is not None:
+            metadata |= {"message_id": str(envelope.event_id),
+                         "correlation_id": str(envelope.correlation_id),
+                         "participant": envelope.participant, "message_type": envelope.type}
+        return NewEvent(event_id, name, version, event.model_dump(mode="json"), metadata)
+
+    def _messages(self, stream: str, events: Sequence[Payload], ids: Sequence[Any],
+                  envelope: Envelope | None, state: Any) -> list[OutboxMessage]:
+        correlation = envelope.correlation_id if envelope is not None else None
+        causation = envelope.event_id if envelope is not None else None
+        actor = envelope.participant if envelope is not None else _actor(state)
+        key = stream.split(":", 1)[1].encode()
+        out: list[OutboxMessage] = []
+        for event, event_id in zip(events, ids, strict=True):
+            if isinstance(event, ev.LedgerCommandRequested):
+                command = event.command
+                env = new_envelope(
+                    command, producer=self.producer, participant=actor,
+                    event_id=acc.ledger_event_id(event.command_id),
+                    correlation_id=correlation, causation_id=event_id,
+                    reply_to=self.topics.ledger_results, clock=self.clock)
+                out.append(OutboxMessage(self.topics.ledger_commands,
+                                         _ledger_record_key(key, event), encode(env),
+                                         {"type": env.type}))
+            elif type(event) in _PUBLISHED:
+                env = new_envelope(event, producer=self.producer, participant=actor,
+                                   event_id=event_id, correlation_id=correlation,
+                                   causation_id=causation, clock=self.clock)
+                out.append(OutboxMessage(self.topics.events, key, encode(env),
+                                         {"type": env.type}))
+        return out
+
+    def _view_row(self, state: Any, version: int, now: datetime) -> tuple[str | None,
+                                                                         str | None]:
+        """The read-model row of the stream's new state, as JSON for ``record_decision``."""
+        stamp = now.isoformat()
+        match state:
+            case dm.Transfer():
+                i, t = state.instruction, state
+                entry = dm.queue_entry(t)
+                if entry is not None:
+                    self._queues.add(entry.queue_key)
+                wake = dm.next_wakeup(t, self.config, now)
+                return "transfers", json.dumps({
+                    "uetr": i.uetr, "end_to_end_id": i.end_to_end_id,
+                    "instruction_id": i.instruction_id,
+                    "payer_participant": i.payer_participant, "payer_wallet": i.payer_wallet,
+                    "payee_participant": i.payee_participant, "payee_wallet": i.payee_wallet,
+                    "currency": i.currency, "amount": i.amount, "route": t.route,
+                    "settlement_mode": t.mode, "status": t.status.value,
+                    "reason": t.outcome_code, "attempts": t.attempts,
+                    "queue_key": entry.queue_key if entry else None,
+                    "queued_since": entry.queued_since.isoformat() if entry else None,
+                    "retrying": bool(entry and entry.retrying),
+                    "next_wakeup_at": wake.isoformat() if wake else None,
+                    "settled_at": t.settled_at.isoformat() if t.settled_at else None,
+                    "stream_version": version,
+                    "created_at": (t.instructed_at or now).isoformat(), "updated_at": stamp})
+            case dm.Conversion():
+                c = state.instruction
+                return "conversions", json.dumps({
+                    "uetr": c.uetr, "end_to_end_id": c.end_to_end_id, "kind": state.kind,
+                    "participant_id": c.participant_id, "wallet_id": c.wallet_id,
+                    "currency": c.currency, "amount": c.amount, "status": state.status.value,
+                    "reason": state.code, "stream_version": version, "created_at": stamp,
+                    "updated_at": stamp})
+            case dm.Participant():
+                r = state.request
+                return "participants", json.dumps({
+                    "participant_id": r.participant_id, "name": r.name,
+                    "status": state.status.value,
+                    "currencies": [a.currency for a in r.currencies],
+                    "failure_code": state.failure_code, "stream_version": version,
+                    "state": state.model_dump(mode="json"), "updated_at": stamp})
+            case dm.Wallet():
+                w = state.request
+                return "wallets", json.dumps({
+                    "participant_id": w.participant_id, "wallet_id": w.wallet_id,
+                    "status": state.status.value, "frozen": state.frozen,
+                    "currencies": list(w.currencies), "failure_code": state.failure_code,
+                    "stream_version": version, "state": state.model_dump(mode="json"),
+                    "updated_at": stamp})
+        return None, None
+
+    async def _reschedule(self, conn: asyncpg.Connection, t: dm.Transfer, now: datetime) -> None:
+        """An internal command changed nothing: move the wake-up so the scheduler cannot spin."""
+        due = dm.next_wakeup(t, self.config, now)
+        if due is not None and due <= now:
+            due = now + _IDLE_TICK_BACKOFF
+        await conn.execute("UPDATE deposits.transfers SET next_wakeup_at = $2 WHERE uetr = $1",
+                           t.uetr, due)
+
+
+_NAMES_NOBODY = (ev.OnboardParticipant, ev.FundSettlementAccount)
+"""Commands whose context needs no participant or wallet (the decision needs the config only)."""
+
+
+def _parties(source: Any) -> tuple[set[str], set[tuple[str, str]], tuple[str, str] | None] | None:
+    """Participants, wallets and the queue a decision about ``source`` needs in its context:
+    from a state's instruction or from a command that names them; ``None`` when unknown."""
+    if isinstance(source, dm.Transfer | dm.Conversion):
+        source = source.instruction
+    match source:
+        case ev.TransferInstruction():
+            return ({source.payer_participant, source.payee_participant},
+                    {(source.payer_participant, source.payer_wallet),
+                     (source.payee_participant, source.payee_wallet)},
+                    (dm.queue_key(source.payer_participant, source.currency), source.uetr))
+        case ev.ConversionInstruction():
+            return {source.participant_id}, {(source.participant_id, source.wallet_id)}, None
+        case ev.OpenWallet():
+            return {source.participant_id}, set(), None
+        case dm.Participant() | dm.Wallet() | ev.OnboardParticipant() | \
+                ev.FundSettlementAccount() | ev.FreezeWallet() | ev.UnfreezeWallet():
+            return set(), set(), None
+    return None
+
+
+def _ledger_record_key(stream_key: bytes, event: ev.LedgerCommandRequested) -> bytes:
+    """The ``ledger.commands`` record key: ``accounts.record_key``, except for set-up commands.
+
+    Onboarding and wallet opening emit asset definitions and account openings in one decision,
+    in dependency order (assets before the accounts that hold them). Keyed by asset code and
+    account id they would land on different partitions, which the ledger applies in parallel,
+    and an account could be opened before its asset exists (``unknown_asset``). Keyed by the
+    stream they stay on one partition, in order. Postings keep the ledger's convention (first
+    debited account, or the settlement group).
+    """
+    if event.purpose in ("define_asset", "open_account"):
+        return stream_key
+    return acc.record_key(event.command).encode()
+
+
+def _actor(state: Any) -> str:
+    """Who acts when the clock or the queue moves a stream: the payer bank of a transfer."""
+    if isinstance(state, dm.Transfer):
+        return state.instruction.payer_participant
+    return PRODUCER
+
+
+def _queues_to_wake(before: Any, after: Any, events: Sequence[Payload]) -> frozenset[str]:
+    """Settlement queues that may move after these events (module docstring)."""
+    keys: set[str] = set()
+    if isinstance(after, dm.Transfer):
+        was = dm.queue_entry(before) if isinstance(before, dm.Transfer) else None
+        if was is not None and dm.queue_entry(after) is None:
+            keys.add(was.queue_key)  # the head left: the next one may go
+    for event in events:
+        if isinstance(event, ev.SettlementAccountFunded):
+            keys.add(dm.queue_key(event.participant_id, event.currency))
+        elif isinstance(event, ev.TransferSettled) and event.route == "interbank" and isinstance(
+                after, dm.Transfer):
+            i = after.instruction  # the payee bank's settlement account was credited
+            keys.add(dm.queue_key(i.payee_participant, i.currency))
+    return frozenset(keys)
+
+
+_READ_SQL: Final = """
+    SELECT 'e'::text AS kind, stream_version AS number, type AS key, schema_version,
+           payload::text AS raw
+    FROM deposits.events WHERE stream_id = $1 AND stream_version > $2
+    UNION ALL
+    SELECT 'p', stream_version, participant_id, 0, state::text
+    FROM deposits.participants WHERE participant_id = ANY($3::text[])
+    UNION ALL
+    SELECT 'w', w.stream_version, w.participant_id || ':' || w.wallet_id, 0, w.state::text
+    FROM deposits.wallets w
+    JOIN unnest($4::text[], $5::text[]) AS k(participant_id, wallet_id)
+      ON w.participant_id = k.participant_id AND w.wallet_id = k.wallet_id
+    UNION ALL
+    SELECT 'q', count(*)::int, $6::text, 0, NULL FROM deposits.transfers
+    WHERE $6::text IS NOT NULL AND queue_key = $6::text AND uetr <> $7::text
+"""
+
+_RECORD_SQL: Final = """
+    SELECT deposits.record_decision($1, $2, $3, $4, $5::uuid[], $6::text[], $7::int[],
+        $8::text[], $9::text[], $10::text[], $11::bytea[], $12::bytea[], $13::text[],
+        $14::text[], $15::text[], $16::text[], $17, $18, $19)
+"""
