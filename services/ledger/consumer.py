@@ -14,6 +14,7 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import Iterable
+from typing import Any
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
@@ -23,6 +24,14 @@ from . import repository as repo
 from .writer import LedgerWriter, OffsetGapError, Record
 
 log = logging.getLogger(__name__)
+
+
+def _records(batch: dict[TopicPartition, list[ConsumerRecord]]) -> list[Record]:
+    return [
+        Record(tp.partition, r.offset, r.key, r.value, tuple(r.headers or ()))
+        for tp, rs in sorted(batch.items(), key=lambda kv: kv[0].partition)
+        for r in rs
+    ]
 
 
 class _SeekToStored(ConsumerRebalanceListener):
@@ -86,31 +95,44 @@ class WriterLoop:
         self.consumer.subscribe([self._topic], listener=_SeekToStored(self))
         await self.consumer.start()
         next_expiry = 0.0
+        # One batch in flight: while its transaction is with PostgreSQL (on the other core), the
+        # next batch is fetched and decoded here. Batches still apply strictly in order.
+        inflight: asyncio.Task[bool] | None = None
         try:
             while not self._stopping.is_set():
                 batch = await self.consumer.getmany(timeout_ms=100, max_records=self._max_records)
                 if batch:
-                    await self._apply(batch)
+                    records = _records(batch)
+                    prepared = self._writer.prepare(records)
+                    if inflight is not None and not await inflight:
+                        # It failed and re-seeked its partitions; this batch was read past it, so
+                        # its partitions go back to the stored offsets too and nothing is skipped.
+                        inflight = None
+                        await self.seek_to_stored(list(batch))
+                        continue
+                    inflight = asyncio.create_task(self._apply(batch, records, prepared))
+                elif inflight is not None and inflight.done():
+                    inflight = None
                 now = asyncio.get_running_loop().time()
                 if now >= next_expiry:
                     await self._expire()
                     next_expiry = now + self._expiry_interval_s
         finally:
+            if inflight is not None:
+                with contextlib.suppress(Exception):
+                    await inflight
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
 
-    async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]]) -> None:
-        records = [
-            Record(tp.partition, r.offset, r.key, r.value, tuple(r.headers or ()))
-            for tp, rs in sorted(batch.items(), key=lambda kv: kv[0].partition)
-            for r in rs
-        ]
+    async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]],
+                     records: list[Record], prepared: list[Any]) -> bool:
+        """Apply one batch; on failure re-seek to the stored offsets and return False."""
         try:
-            report = await self._writer.apply_batch(records)
+            report = await self._writer.apply_batch(records, prepared)
         except OffsetGapError as gap:
             log.warning("re-seeking: %s", gap)
             await self.seek_to_stored(list(batch))
-            return
+            return False
         except (
             asyncpg.UniqueViolationError,
             asyncpg.DeadlockDetectedError,
@@ -120,7 +142,7 @@ class WriterLoop:
             # from the stored offsets; the retry sees that writer's rows and answers accordingly.
             log.info("batch raced another writer, retrying: %s", race)
             await self.seek_to_stored(list(batch))
-            return
+            return False
         except (
             OSError,
             asyncpg.PostgresConnectionError,
@@ -132,7 +154,7 @@ class WriterLoop:
             log.warning("database unavailable, retrying batch: %s", down)
             await asyncio.sleep(1.0)
             await self.seek_to_stored(list(batch))
-            return
+            return False
         self.applied += report.applied
         self._pending_commit.update({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
         if self._commit_task is None or self._commit_task.done():
@@ -140,6 +162,7 @@ class WriterLoop:
             # the background, one request at a time, so the broker round trip is off the path.
             offsets, self._pending_commit = self._pending_commit, {}
             self._commit_task = asyncio.create_task(self._commit(offsets))
+        return True
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         with contextlib.suppress(Exception):

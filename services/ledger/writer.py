@@ -105,9 +105,19 @@ class LedgerWriter:
         self._dlq = dlq_topic(group_id)
         self._outbox = Outbox("ledger")
 
-    async def apply_batch(self, records: Sequence[Record]) -> BatchReport:
+    @staticmethod
+    def prepare(records: Sequence[Record]) -> list[tuple[Record, Incoming | DeadLetter]]:
+        """Decode a batch (pure CPU, no I/O: the loop runs it while the previous batch's
+        transaction is with PostgreSQL)."""
+        return [(r, read_record(r.value, r.key)) for r in records]
+
+    async def apply_batch(
+        self, records: Sequence[Record],
+        decoded: list[tuple[Record, Incoming | DeadLetter]] | None = None,
+    ) -> BatchReport:
         """Apply ``records`` (in partition order) exactly once; return what happened."""
-        decoded = [(r, read_record(r.value, r.key)) for r in records]
+        if decoded is None:
+            decoded = self.prepare(records)
         report = BatchReport()
         async with self._pool.acquire() as conn, conn.transaction():
             fresh = await self._fence(conn, decoded, report)
