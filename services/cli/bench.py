@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 
 from services.deposits.bench import command as deposits_bench
+from services.gateway.bench import bench_gateway
 
 bench_app = typer.Typer(help="Benchmarks (throughput and latency beside the raw ceiling).",
                         no_args_is_help=True)
@@ -74,3 +75,4 @@ def ledger(
 
 
 bench_app.command("deposits")(deposits_bench)
+bench_app.command("gateway")(bench_gateway)

@@ -9,6 +9,7 @@ from rich.console import Console
 
 from services.cli.bench import bench_app
 from services.cli.dlq import dlq_app
+from services.gateway.cli import client_app, deposits_app, keys_app, participants_app
 from services.ledger.cli import ledger_app, verify_command
 from shared.config import KafkaSettings, PostgresSettings, StackSettings
 
@@ -19,6 +20,10 @@ stack_app = typer.Typer(help="The local stack (embedded PostgreSQL + Apache Kafk
 app.add_typer(stack_app, name="stack")
 app.add_typer(bench_app, name="bench")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(participants_app, name="participants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(deposits_app, name="deposits")
+app.add_typer(client_app)  # harbour balances, harbour statement
 app.add_typer(dlq_app, name="dlq")
 console = Console()
 

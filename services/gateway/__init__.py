@@ -1,0 +1,1 @@
+"""The HTTP gateway: authenticated FastAPI API for banks, fund administrators and ops."""

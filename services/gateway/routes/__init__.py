@@ -1,0 +1,1 @@
+"""HTTP routes: deposit commands, reads (transfers, balances, statements), ops (health, metrics)."""
