@@ -8,6 +8,9 @@ BEGIN
     IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'harbour_reader') THEN
         CREATE ROLE harbour_reader LOGIN;
     END IF;
+    IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = 'harbour_gateway') THEN
+        CREATE ROLE harbour_gateway LOGIN;
+    END IF;
 END $$;
 
 GRANT USAGE ON SCHEMA ledger TO harbour_ledger, harbour_reader;
@@ -22,3 +25,10 @@ GRANT SELECT, INSERT, UPDATE ON ledger.outbox, ledger.inbox TO harbour_ledger;
 GRANT USAGE ON ALL SEQUENCES IN SCHEMA ledger TO harbour_ledger;
 -- Fund administrators' and the gateway's read side.
 GRANT SELECT ON ALL TABLES IN SCHEMA ledger TO harbour_reader;
+
+-- The gateway: its own schema (keys, idempotency), read-only on the ledger and transfer status.
+GRANT USAGE ON SCHEMA gateway, ledger, deposits TO harbour_gateway;
+GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA gateway TO harbour_gateway;
+GRANT USAGE ON ALL SEQUENCES IN SCHEMA gateway TO harbour_gateway;
+GRANT SELECT ON ALL TABLES IN SCHEMA ledger TO harbour_gateway;
+GRANT SELECT ON deposits.transfers TO harbour_gateway;
