@@ -3,10 +3,17 @@ services.ledger.app`` runs it until SIGTERM/SIGINT."""
 
 from __future__ import annotations
 
+import signal
+import sys
+
+if __name__ == "__main__":
+    # A stop requested while the process is still importing (a supervisor or test stopping it
+    # right after start) must end it cleanly, not kill it by the signal's default action.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+
 import asyncio
 import contextlib
 import logging
-import signal
 import subprocess
 
 import asyncpg

@@ -942,14 +942,11 @@ async def _write_rows(conn: asyncpg.Connection, b: _CeilingBatch, outbox: Outbox
 async def _writer_sql(conn: asyncpg.Connection, b: _CeilingBatch, outbox: Outbox, topic: str
                       ) -> None:
     """The writer's statement sequence for a batch of plain postings, without Kafka or domain."""
-    await repo.lock_offsets(conn, topic, b.first_offsets)
-    await repo.load_assets(conn)
+    await repo.lock_offsets(conn, topic, b.first_offsets)  # also reads the chain heads
     await repo.load_results(conn, b.ids)
     await repo.load_accounts(conn, b.deltas)
-    await repo.chain_heads(conn, b.heads)
     await _write_rows(conn, b, outbox)
-    await repo.save_chain_heads(conn, b.heads)
-    await repo.save_offsets(conn, topic, b.next_offsets)
+    await repo.save_progress(conn, topic, b.next_offsets, b.heads)
 
 
 async def run_ceiling(url: str, accounts: Sequence[str], transfers: Sequence[Transfer],

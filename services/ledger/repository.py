@@ -20,30 +20,60 @@ _DIRECTION = {d.DEBIT: "D", d.CREDIT: "C"}
 _FROM_DIRECTION: dict[str, d.Direction] = {"D": d.DEBIT, "C": d.CREDIT}
 
 
+Heads = dict[int, tuple[int, bytes]]
+
+_LOCK_PROGRESS = """
+SELECT c.partition, c.next_offset, h.sequence, h.hash
+FROM ledger.consumed_offsets c LEFT JOIN ledger.chain_heads h ON h.partition = c.partition
+WHERE c.topic = $1 AND c.partition = ANY($2::int[])
+ORDER BY c.partition FOR UPDATE OF c
+"""
+
+
 async def lock_offsets(
     conn: asyncpg.Connection, topic: str, first: dict[int, int]
-) -> dict[int, int]:
-    """Lock the stored next offsets of ``first``'s partitions; create rows for new partitions.
+) -> tuple[dict[int, int], Heads]:
+    """Lock the stored next offsets of ``first``'s partitions; return them with the chain heads.
 
     The lock fences a writer that lost its partitions in a rebalance: it waits here for the new
-    owner's transaction and then sees that the records were applied already.
+    owner's transaction and then sees that the records were applied already. It also makes the
+    holder the only writer of those partitions' hash chains. A partition seen for the first time
+    gets a row starting at its first offset (one extra round trip, once).
     """
     partitions = sorted(first)
+    rows = await conn.fetch(_LOCK_PROGRESS, topic, partitions)
+    if len(rows) < len(partitions):
+        await conn.execute(
+            """INSERT INTO ledger.consumed_offsets (topic, partition, next_offset)
+               SELECT $1, p, o FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
+               ON CONFLICT DO NOTHING""",
+            topic, partitions, [first[p] for p in partitions],
+        )
+        rows = await conn.fetch(_LOCK_PROGRESS, topic, partitions)
+    offsets = {r["partition"]: r["next_offset"] for r in rows}
+    heads = {r["partition"]: (r["sequence"], bytes(r["hash"])) for r in rows
+             if r["sequence"] is not None}
+    return offsets, heads
+
+
+async def save_progress(conn: asyncpg.Connection, topic: str, next_offsets: dict[int, int],
+                        heads: Heads) -> None:
+    """Store the next offsets and the chain heads in one round trip."""
+    partitions = sorted(next_offsets)
+    chains = sorted(heads)
     await conn.execute(
-        """INSERT INTO ledger.consumed_offsets (topic, partition, next_offset)
-           SELECT $1, p, o FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
-           ON CONFLICT DO NOTHING""",
-        topic,
-        partitions,
-        [first[p] for p in partitions],
+        """WITH progress AS (
+               UPDATE ledger.consumed_offsets c SET next_offset = t.o
+               FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
+               WHERE c.topic = $1 AND c.partition = t.p
+           )
+           INSERT INTO ledger.chain_heads (partition, sequence, hash)
+           SELECT * FROM unnest($4::int[], $5::bigint[], $6::bytea[])
+           ON CONFLICT (partition)
+           DO UPDATE SET sequence = EXCLUDED.sequence, hash = EXCLUDED.hash""",
+        topic, partitions, [next_offsets[p] for p in partitions],
+        chains, [heads[p][0] for p in chains], [heads[p][1] for p in chains],
     )
-    rows = await conn.fetch(
-        """SELECT partition, next_offset FROM ledger.consumed_offsets
-           WHERE topic = $1 AND partition = ANY($2::int[]) ORDER BY partition FOR UPDATE""",
-        topic,
-        partitions,
-    )
-    return {r["partition"]: r["next_offset"] for r in rows}
 
 
 async def stored_offsets(conn: asyncpg.Connection, topic: str) -> dict[int, int]:
@@ -51,18 +81,6 @@ async def stored_offsets(conn: asyncpg.Connection, topic: str) -> dict[int, int]
         "SELECT partition, next_offset FROM ledger.consumed_offsets WHERE topic = $1", topic
     )
     return {r["partition"]: r["next_offset"] for r in rows}
-
-
-async def save_offsets(conn: asyncpg.Connection, topic: str, next_offsets: dict[int, int]) -> None:
-    partitions = sorted(next_offsets)
-    await conn.execute(
-        """UPDATE ledger.consumed_offsets c SET next_offset = t.o
-           FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
-           WHERE c.topic = $1 AND c.partition = t.p""",
-        topic,
-        partitions,
-        [next_offsets[p] for p in partitions],
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,30 +231,6 @@ async def load_accounts(conn: asyncpg.Connection, ids: Iterable[str]) -> list[d.
         )
         for r in rows
     ]
-
-
-async def chain_heads(
-    conn: asyncpg.Connection, partitions: Iterable[int]
-) -> dict[int, tuple[int, bytes]]:
-    rows = await conn.fetch(
-        "SELECT partition, sequence, hash FROM ledger.chain_heads"
-        " WHERE partition = ANY($1::int[])",
-        sorted(set(partitions)),
-    )
-    return {r["partition"]: (r["sequence"], bytes(r["hash"])) for r in rows}
-
-
-async def save_chain_heads(conn: asyncpg.Connection, heads: dict[int, tuple[int, bytes]]) -> None:
-    partitions = sorted(heads)
-    await conn.execute(
-        """INSERT INTO ledger.chain_heads (partition, sequence, hash)
-           SELECT * FROM unnest($1::int[], $2::bigint[], $3::bytea[])
-           ON CONFLICT (partition)
-           DO UPDATE SET sequence = EXCLUDED.sequence, hash = EXCLUDED.hash""",
-        partitions,
-        [heads[p][0] for p in partitions],
-        [heads[p][1] for p in partitions],
-    )
 
 
 async def insert_assets(conn: asyncpg.Connection, assets: Sequence[d.AssetState]) -> None:

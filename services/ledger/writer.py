@@ -104,6 +104,7 @@ class LedgerWriter:
         self._topic = topic
         self._dlq = dlq_topic(group_id)
         self._outbox = Outbox("ledger")
+        self._assets: dict[str, d.AssetState] = {}
 
     @staticmethod
     def prepare(records: Sequence[Record]) -> list[tuple[Record, Incoming | DeadLetter]]:
@@ -120,15 +121,14 @@ class LedgerWriter:
             decoded = self.prepare(records)
         report = BatchReport()
         async with self._pool.acquire() as conn, conn.transaction():
-            fresh = await self._fence(conn, decoded, report)
+            fresh, heads = await self._fence(conn, decoded, report)
             if not fresh:
                 return report
-            batch = _Batch()
+            batch = _Batch(heads=heads)
             incoming = [(r, x) for r, x in fresh if isinstance(x, Incoming)]
             state = await self._load(conn, [x.command for _, x in incoming], batch)
             now = self.clock.now()
             applied = [(r, x, state.apply(x.command, now)) for r, x in incoming]
-            batch.heads = await repo.chain_heads(conn, {r.partition for r, _ in fresh})
             results = iter(applied)
             for r, x in fresh:  # record order, so replies and dead letters keep it too
                 if isinstance(x, DeadLetter):
@@ -138,7 +138,8 @@ class LedgerWriter:
                     _, _, result = next(results)
                     self._walk(state, batch, r.partition, x, result, now, report)
             await self._write(conn, state, batch, d.net_deltas(res for _, _, res in applied))
-            await repo.save_offsets(conn, self._topic, _next_offsets(fresh))
+            await repo.save_progress(conn, self._topic, _next_offsets(fresh), batch.heads)
+        self._assets.update((a.code, a) for a in batch.new_assets)  # committed: now cacheable
         report.applied = len(fresh)
         return report
 
@@ -156,7 +157,7 @@ class LedgerWriter:
                 return 0
             batch = _Batch()
             # Offsets rows first, as batches take them, so the two never deadlock.
-            await repo.lock_offsets(conn, self._topic, {p: 0 for _, p in due})
+            _, batch.heads = await repo.lock_offsets(conn, self._topic, {p: 0 for _, p in due})
             loaded = await repo.load_pendings(conn, [pid for pid, _ in due])
             state = d.LedgerState()
             for pending, partition in loaded:
@@ -166,20 +167,20 @@ class LedgerWriter:
             for account in await repo.load_accounts(conn, accounts):
                 state.load_account(account)
             results = state.expire(now)
-            batch.heads = await repo.chain_heads(conn, {p for _, p in loaded})
             for result in results:
                 partition = batch.partition_of[result.refs[0]]
                 self._walk(state, batch, partition, _EXPIRY_REPLY, result, now, report)
             await self._write(conn, state, batch, d.net_deltas(results))
+            await repo.save_progress(conn, self._topic, {}, batch.heads)
         return len(results)
 
     async def _fence(
         self, conn: asyncpg.Connection, decoded: list[tuple[Record, Any]], report: BatchReport
-    ) -> list[tuple[Record, Any]]:
+    ) -> tuple[list[tuple[Record, Any]], repo.Heads]:
         first: dict[int, int] = {}
         for r, _ in decoded:
             first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
-        stored = await repo.lock_offsets(conn, self._topic, first)
+        stored, heads = await repo.lock_offsets(conn, self._topic, first)
         fresh = [(r, x) for r, x in decoded if r.offset >= stored[r.partition]]
         report.skipped = len(decoded) - len(fresh)
         starts: dict[int, int] = {}
@@ -188,13 +189,17 @@ class LedgerWriter:
         for partition, start in starts.items():
             if start != stored[partition]:
                 raise OffsetGapError(partition, stored[partition], start)
-        return fresh
+        return fresh, heads
 
     async def _load(
         self, conn: asyncpg.Connection, commands: list[d.Command], batch: _Batch
     ) -> d.LedgerState:
         state = d.LedgerState()
-        for asset in await repo.load_assets(conn):
+        if not _asset_codes(commands) <= self._assets.keys():
+            # Assets never change once defined, so the cache is only ever incomplete, never
+            # wrong: reload when a command names a code this writer has not seen yet.
+            self._assets = {a.code: a for a in await repo.load_assets(conn)}
+        for asset in self._assets.values():
             state.load_asset(asset)
         ids = [c.command_id for c in commands if type(c.command_id) is str]
         for stored in await repo.load_results(conn, ids):
@@ -353,8 +358,6 @@ class LedgerWriter:
         } | batch.touched_groups
         await repo.upsert_groups(conn, [state.groups[g] for g in sorted(group_ids)])
         await repo.apply_balance_deltas(conn, deltas)
-        if batch.heads:
-            await repo.save_chain_heads(conn, batch.heads)
         await self._outbox.add_many(conn, batch.outbox)
 
     def _dead_letter(self, record: Record, dead: DeadLetter) -> OutboxMessage:
@@ -380,6 +383,20 @@ _EXPIRY_REPLY = Incoming(
 def _text(value: str) -> str:
     """Outbox headers are jsonb, which refuses NUL: a hostile header must not fail the batch."""
     return value.replace("\x00", "\ufffd")
+
+
+def _asset_codes(commands: list[d.Command]) -> set[str]:
+    """Every asset code the commands name (entries, accounts, definitions)."""
+    codes: set[str] = set()
+    for c in commands:
+        entries = c.entries if isinstance(c, d.Post | d.PostPending | d.CommitPending) else None
+        if entries:
+            codes.update(e.asset for e in entries if type(e.asset) is str)
+        elif isinstance(c, d.OpenAccount | d.DefineAsset):
+            code = c.asset if isinstance(c, d.OpenAccount) else c.code
+            if type(code) is str:
+                codes.add(code)
+    return codes
 
 
 def _next_offsets(fresh: list[tuple[Record, Any]]) -> dict[int, int]:
