@@ -174,7 +174,7 @@ class _Service:
         with contextlib.suppress(psutil.Error):
             if self.ps is not None:
                 t = self.ps.cpu_times()
-                return float(t.user + t.system)
+                return float(t.user + t.system)  # float ok: CPU seconds
         return 0.0
 
     def check(self) -> None:

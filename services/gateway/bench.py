@@ -251,7 +251,7 @@ async def _server_sums(pool: HttpPool, stack: Any) -> dict[str, tuple[float, flo
     """(sum seconds, count) of the gateway's own request and publish histograms."""
     status, body = await pool.get("/metrics", {"Authorization": f"Bearer {stack.ops_token}"})
     lines = body.decode().splitlines() if status == 200 else []
-    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines
+    values = {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in lines  # float ok
               if line and not line.startswith("#")}
     return {name: (values.get(series.format("sum"), 0.0), values.get(series.format("count"), 0.0))
             for name, series in _SERVER_SERIES.items()}

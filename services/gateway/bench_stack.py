@@ -60,7 +60,7 @@ class Service:
     def cpu_s(self) -> float:
         with contextlib.suppress(psutil.Error, AttributeError):
             t = psutil.Process(self.proc.pid).cpu_times()  # type: ignore[union-attr]
-            return float(t.user + t.system)
+            return float(t.user + t.system)  # float ok: CPU seconds
         return 0.0
 
     def check(self) -> None:
@@ -273,7 +273,7 @@ class BenchStack:
     def cpu(self) -> dict[str, float]:
         out = {s.name: s.cpu_s() for s in self.services}
         t = psutil.Process().cpu_times()
-        out["bench client"] = float(t.user + t.system)
+        out["bench client"] = float(t.user + t.system)  # float ok: CPU seconds
         return out
 
     def tails(self) -> list[str]:

@@ -32,8 +32,8 @@ class TokenBucketLimiter:
 
     def acquire(self, key: str) -> float:
         now = self._clock()
-        tokens, last = self._buckets.pop(key, (float(self.burst), now))
-        tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_s)
+        tokens, last = self._buckets.pop(key, (float(self.burst), now))  # float ok: token bucket
+        tokens = min(float(self.burst), tokens + (now - last) * self.rate_per_s)  # float ok
         if tokens >= 1.0:
             self._remember(key, tokens - 1.0, now)
             return 0.0

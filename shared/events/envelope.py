@@ -374,7 +374,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 
 def _finite_number(text: str) -> Any:
     # 1e999 parses to inf, which no amount, version or count can mean.
-    value = float(text)
+    value = float(text)  # float ok: infinity check on a JSON number, never money
     if math.isinf(value):
         raise ValueError(f"number {text} is out of range")
     return value

@@ -269,7 +269,7 @@ class DeadLetterMiddleware:
             self._attempts.pop(key, None)
 
     def _backoff(self, attempt: int) -> float:
-        return float(min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s))
+        return float(min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s))  # float ok
 
     # --- the dead letter -----------------------------------------------------------------------
 
