@@ -18,6 +18,23 @@ from . import domain as d
 
 _DIRECTION = {d.DEBIT: "D", d.CREDIT: "C"}
 _FROM_DIRECTION: dict[str, d.Direction] = {"D": d.DEBIT, "C": d.CREDIT}
+# The phase of the entries a posting's hash chain covers, by kind; the writer journals them and
+# `harbour verify` rebuilds the chain from them, so both read this one table.
+CHAIN_PHASE = {
+    "post": "posted",
+    "post_pending": "pending",
+    "commit_pending": "posted",
+    "commit_group": "posted",
+    "void_pending": "release",
+    "void_group": "release",
+    "expire": "release",
+}
+
+
+def entry_from_row(row: asyncpg.Record) -> d.Entry:
+    """An ``entries`` row (account_id, asset, direction, amount) as a domain entry."""
+    return d.Entry(row["account_id"], row["asset"], _FROM_DIRECTION[row["direction"]],
+                   int(row["amount"]))
 
 
 Heads = dict[int, tuple[int, bytes]]
@@ -167,9 +184,7 @@ async def load_pendings(
     )
     held: dict[str, list[d.Entry]] = {}
     for e in entries:
-        held.setdefault(e["posting_id"], []).append(
-            d.Entry(e["account_id"], e["asset"], _FROM_DIRECTION[e["direction"]], int(e["amount"]))
-        )
+        held.setdefault(e["posting_id"], []).append(entry_from_row(e))
     return [
         (
             d.PendingState(

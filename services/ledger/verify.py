@@ -15,14 +15,7 @@ from typing import Any
 import asyncpg
 
 from . import domain as d
-
-_FROM_DIRECTION: dict[str, d.Direction] = {"D": d.DEBIT, "C": d.CREDIT}
-# Which entries of a posting the chain covers, by kind (the rest are releases of held amounts).
-_CHAIN_PHASE = {
-    "post": "posted", "post_pending": "pending", "commit_pending": "posted",
-    "commit_group": "posted", "void_pending": "release", "void_group": "release",
-    "expire": "release",
-}
+from .repository import CHAIN_PHASE, entry_from_row
 
 
 @dataclass
@@ -98,14 +91,10 @@ async def _check_chains(conn: asyncpg.Connection, report: VerifyReport) -> None:
 
 
 def _as_result(posting: asyncpg.Record, entries: list[asyncpg.Record]) -> d.Result:
-    phase = _CHAIN_PHASE.get(posting["kind"], "posted")
+    phase = CHAIN_PHASE.get(posting["kind"], "posted")
     return d.Result(
         command_id=posting["id"], kind=posting["kind"], accepted=True,
-        entries=tuple(
-            d.Entry(e["account_id"], e["asset"], _FROM_DIRECTION[e["direction"]],
-                    int(e["amount"]))
-            for e in entries if e["phase"] == phase
-        ),
+        entries=tuple(entry_from_row(e) for e in entries if e["phase"] == phase),
         effective_at=posting["effective_at"], metadata=_json(posting["metadata"]),
         refs=tuple(posting["refs"]), settlement_group=posting["settlement_group"],
         timeout_at=posting["timeout_at"],

@@ -27,15 +27,6 @@ from . import repository as repo
 from .codec import ChainPlace, DeadLetter, Incoming, read_record, result_message
 
 log = logging.getLogger(__name__)
-_RESULT_KIND = {
-    "post": "posted",
-    "post_pending": "pending",
-    "commit_pending": "posted",
-    "commit_group": "posted",
-    "void_pending": "release",
-    "void_group": "release",
-    "expire": "release",
-}
 _COMMITS = frozenset({"commit_pending", "commit_group"})
 
 
@@ -289,7 +280,7 @@ class LedgerWriter:
                 digest,
             )
         )
-        phase = _RESULT_KIND[effect.kind]
+        phase = repo.CHAIN_PHASE[effect.kind]
         rows = [(pid, e, phase) for e in effect.entries]
         if effect.kind in _COMMITS:
             rows += [
