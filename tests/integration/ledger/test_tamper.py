@@ -267,6 +267,19 @@ TAMPERING = {
         "UPDATE ledger.postings SET effective_at = effective_at - interval '1 day'"
         " WHERE id = 'c1'",
         "posting c1", "posting c1"),
+    # No foreign keys on the journal's hot path (migration 0002): verify checks the references.
+    "entry moved to an account that does not exist": (
+        "entries",
+        "UPDATE ledger.entries SET account_id = 'ghost:9' WHERE posting_id = 'p2' AND idx = 1",
+        "entry p2#1: account ghost:9 does not exist", "posting p2"),
+    "entry added without a posting": (
+        "entries",
+        "INSERT INTO ledger.entries VALUES ('forged', 0, 'cust:1', 'HKD', 'C', 'posted', 500)",
+        "entry forged#0: posting forged does not exist", "account cust:1"),
+    "posting removed, its entries left": (
+        "postings",
+        "DELETE FROM ledger.postings WHERE id = 'p2'",
+        "posting p2 does not exist", "posting h1"),
     "posting removed": (  # the hole is named at the posting after it
         "postings",
         "DELETE FROM ledger.postings WHERE id = 'p2'",
