@@ -43,12 +43,11 @@ async def run_ledger(
     )
     assert pool is not None
     ledger = LedgerWriter(pool, topic=settings.commands_topic, group_id=settings.group_id)
-    # Several group members per process: while one waits for PostgreSQL (its commit, its
-    # round trips), another decodes and applies its own partitions' batch on the same core.
+    # One group member per process; scale out with more processes. (Two members in one process
+    # rebalanced each other under load.)
     writers = [
         WriterLoop(pool, ledger, kafka.kafka_bootstrap, topic=settings.commands_topic,
                    group_id=settings.group_id, max_records=settings.max_batch)
-        for _ in range(settings.writers)
     ]
     tasks = [asyncio.create_task(w.run(), name=f"ledger-writer-{i}") for i, w in enumerate(writers)]
     relay: OutboxRelay | None = None

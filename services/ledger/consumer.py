@@ -34,6 +34,39 @@ def _records(batch: dict[TopicPartition, list[ConsumerRecord]]) -> list[Record]:
     ]
 
 
+_POLL_IDLE_MS = 100  # with nothing to do, wait this long for records (then check expiries)
+
+
+class _Staged:
+    """Records fetched and decoded, not yet applied: the next batch, in the making."""
+
+    def __init__(self) -> None:
+        self.by_partition: dict[TopicPartition, list[ConsumerRecord]] = {}
+        self.records: list[Record] = []
+        self.prepared: list[Any] = []
+
+    @property
+    def size(self) -> int:
+        return len(self.records)
+
+    def add(self, tp: TopicPartition, records: list[ConsumerRecord], writer: LedgerWriter
+            ) -> None:
+        mine = _records({tp: records})
+        self.prepared += writer.prepare(mine)
+        self.records += mine
+        self.by_partition.setdefault(tp, []).extend(records)
+
+    def partitions(self) -> list[TopicPartition]:
+        return list(self.by_partition)
+
+    def take(self) -> tuple[dict[TopicPartition, list[ConsumerRecord]], list[Record], list[Any]]:
+        """The staged records in partition order (the order the writer applies them in)."""
+        order = sorted(range(len(self.records)),
+                       key=lambda i: (self.records[i].partition, self.records[i].offset))
+        return (self.by_partition, [self.records[i] for i in order],
+                [self.prepared[i] for i in order])
+
+
 class _SeekToStored(ConsumerRebalanceListener):
     """On assignment, continue where PostgreSQL says the ledger is, not where Kafka says."""
 
@@ -95,24 +128,30 @@ class WriterLoop:
         self.consumer.subscribe([self._topic], listener=_SeekToStored(self))
         await self.consumer.start()
         next_expiry = 0.0
-        # One batch in flight: while its transaction is with PostgreSQL (on the other core), the
-        # next batch is fetched and decoded here. Batches still apply strictly in order.
+        # One batch in flight. Right after it goes to PostgreSQL (on the other core) the loop
+        # decodes whatever the fetcher has buffered; when it commits, it takes everything that
+        # arrived meanwhile too, and that is the next batch: records wait for at most one
+        # transaction ahead of them, and batches still apply strictly in order. (Two batches in
+        # flight at once, of disjoint partitions, were tried: with 10,000 accounts they share
+        # balance rows, so the second waits on the first's row locks and nothing is gained.)
         inflight: asyncio.Task[bool] | None = None
+        staged = _Staged()
         try:
             while not self._stopping.is_set():
-                batch = await self.consumer.getmany(timeout_ms=100, max_records=self._max_records)
-                if batch:
-                    records = _records(batch)
-                    prepared = self._writer.prepare(records)
-                    if inflight is not None and not await inflight:
-                        # It failed and re-seeked its partitions; this batch was read past it, so
-                        # its partitions go back to the stored offsets too and nothing is skipped.
-                        inflight = None
-                        await self.seek_to_stored(list(batch))
+                idle = inflight is None and not staged.size
+                await self._stage(staged, timeout_ms=_POLL_IDLE_MS if idle else 0)
+                if inflight is not None:
+                    ok, inflight = await inflight, None
+                    if not ok:
+                        # It failed and re-seeked its partitions; what is staged was read past
+                        # it, so those partitions go back to the stored offsets too.
+                        await self.seek_to_stored(staged.partitions())
+                        staged = _Staged()
                         continue
-                    inflight = asyncio.create_task(self._apply(batch, records, prepared))
-                elif inflight is not None and inflight.done():
-                    inflight = None
+                    await self._stage(staged, timeout_ms=0)  # what arrived meanwhile
+                if staged.size:
+                    inflight = asyncio.create_task(self._apply(*staged.take()))
+                    staged = _Staged()
                 now = asyncio.get_running_loop().time()
                 if now >= next_expiry:
                     await self._expire()
@@ -123,6 +162,13 @@ class WriterLoop:
                     await inflight
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
+
+    async def _stage(self, staged: _Staged, *, timeout_ms: int) -> None:
+        room = self._max_records - staged.size
+        if room > 0:
+            batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=room)
+            for tp, records in batch.items():
+                staged.add(tp, records, self._writer)
 
     async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]],
                      records: list[Record], prepared: list[Any]) -> bool:

@@ -12,7 +12,6 @@ class LedgerSettings(BaseSettings):
 
     commands_topic: str = LEDGER_COMMANDS
     group_id: str = LEDGER_WRITER_GROUP
-    writers: int = 1  # writer-group members in this process (see app.run_ledger)
     # Publish results from a child process (the other core) instead of this event loop.
     relay_process: bool = True
     max_batch: int = 2000  # records per transaction: larger batches amortise commit cost
