@@ -48,6 +48,13 @@ import psutil
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from shared.benchkit import (
+    LatencySummary,
+    admin_execute,
+    delete_topics,
+    die_with_parent,
+    summarize_ns,
+)
 from shared.events import deposits as ev
 from shared.events.envelope import encode, new_envelope
 from shared.events.registry import Payload
@@ -84,15 +91,6 @@ class DepositsBenchConfig:
     stall_s: float = 60.0
 
 
-@dataclass(frozen=True)
-class Latency:
-    count: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-
-
 @dataclass
 class DepositsBenchReport:
     config: dict[str, Any]
@@ -100,11 +98,11 @@ class DepositsBenchReport:
     throughput_count: int = 0
     throughput_s: float | None = None
     throughput_per_s: float | None = None
-    latency: Latency | None = None
+    latency: LatencySummary | None = None
     latency_offered_per_s: float | None = None
     latency_achieved_per_s: float | None = None
     latency_lost: int = 0
-    hop: Latency | None = None
+    hop: LatencySummary | None = None
     deposits_peak_rss_mb: float | None = None
     deposits_cpu_s: float | None = None
     ledger_cpu_s: float | None = None
@@ -115,30 +113,7 @@ class DepositsBenchReport:
         return json.dumps(asdict(self), indent=2, default=str)
 
 
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (an observed value) of ascending ``sorted_values``."""
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    rank = max(1, -(-int(q * len(sorted_values)) // 100))
-    return sorted_values[min(rank, len(sorted_values)) - 1]
-
-
-def summarize(values_ns: Sequence[int]) -> Latency | None:
-    ms = sorted(v / 1e6 for v in values_ns)
-    if not ms:
-        return None
-    return Latency(len(ms), percentile(ms, 50), percentile(ms, 90), percentile(ms, 99), ms[-1])
-
-
 # --- processes ---------------------------------------------------------------------------------
-
-
-def _die_with_parent() -> None:  # in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
 
 
 class _Service:
@@ -160,7 +135,7 @@ class _Service:
             self.proc = await asyncio.create_subprocess_exec(
                 sys.executable, *argv, cwd=str(_REPO_ROOT),
                 env={**os.environ, **self.env}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
+                stderr=log, start_new_session=True, preexec_fn=die_with_parent)
         self.ps = psutil.Process(self.proc.pid)
         self._sampler = asyncio.create_task(self._sample())
 
@@ -298,17 +273,6 @@ def plan_transfers(count: int, wallets: int, rng: random.Random) -> list[tuple[s
 # --- the run -----------------------------------------------------------------------------------
 
 
-async def _admin(url: str, sql: str) -> None:
-    import asyncpg
-
-    parts = url.rsplit("/", 1)
-    conn = await asyncpg.connect(f"{parts[0]}/postgres")
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
-
-
 async def _publish(producer: AIOKafkaProducer, topic: str, items: Sequence[tuple[str, bytes]],
                    chunk: int = 500) -> None:
     for i in range(0, len(items), chunk):
@@ -331,7 +295,8 @@ async def _paced(producer: AIOKafkaProducer, topic: str, items: Sequence[tuple[s
     return schedule
 
 
-async def _kafka_hop(bootstrap: str, topic: str, rate: float, duration_s: float) -> Latency | None:
+async def _kafka_hop(bootstrap: str, topic: str, rate: float, duration_s: float
+                     ) -> LatencySummary | None:
     """The raw reference: one publish -> consume hop on the same broker at the same rate."""
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, group_id=None,
                                 enable_auto_commit=False, auto_offset_reset="latest",
@@ -362,7 +327,7 @@ async def _kafka_hop(bootstrap: str, topic: str, rate: float, duration_s: float)
         reader.cancel()
         await producer.stop()
         await consumer.stop()
-    return summarize([got[k.encode()] - due for (k, _), due in
+    return summarize_ns([got[k.encode()] - due for (k, _), due in
                       zip(items, schedule, strict=True) if k.encode() in got])
 
 
@@ -407,7 +372,7 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
                                 max_batch_size=256 * 1024)
     say(f"database {db_name}, topics *{tag}, logs in {workdir}")
     try:
-        await _admin(cfg.database_url, f'CREATE DATABASE "{db_name}"')
+        await admin_execute(cfg.database_url, f'CREATE DATABASE "{db_name}"')
         await migrate(db_url)
         await ensure_topics(cfg.bootstrap, specs)
         await producer.start()
@@ -444,7 +409,7 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
         done = [(settled.at[u], due) for (u, _), due in zip(work, schedule, strict=True)
                 if u in settled.at]
         report.latency_lost = count - len(done)
-        report.latency = summarize([at - due for at, due in done])
+        report.latency = summarize_ns([at - due for at, due in done])
         if done:
             span = max(at for at, _ in done) - schedule[0]
             report.latency_achieved_per_s = len(done) * 1e9 / max(1, span)
@@ -468,9 +433,10 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
                 await s.stop()
         if not cfg.keep:
             with contextlib.suppress(Exception):
-                await _admin(cfg.database_url, f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
+                await admin_execute(cfg.database_url,
+                                    f'DROP DATABASE IF EXISTS "{db_name}" WITH (FORCE)')
             with contextlib.suppress(Exception):
-                await _delete_topics(cfg.bootstrap, [s.name for s in specs])
+                await delete_topics(cfg.bootstrap, [s.name for s in specs])
     return report
 
 
@@ -500,17 +466,6 @@ async def _setup(cfg: DepositsBenchConfig, producer: AIOKafkaProducer, topic: st
         amount="1000000000.00"), "HKMA")) for bank in BANKS])
     await settled.wait_count("DepositTokensMinted", len(issues), cfg.stall_s, services)
     await settled.wait_count("SettlementAccountFunded", len(BANKS), cfg.stall_s, services)
-
-
-async def _delete_topics(bootstrap: str, names: list[str]) -> None:
-    from aiokafka.admin import AIOKafkaAdminClient
-
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
-        await admin.delete_topics(names, timeout_ms=30000)
-    finally:
-        await admin.close()
 
 
 def render(report: DepositsBenchReport, console: Any) -> None:

@@ -27,12 +27,14 @@ import tempfile
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import typer
+
+from shared.benchkit import LatencySummary, summarize_ns
 
 __all__ = ["GatewayBenchConfig", "GatewayBenchReport", "bench_gateway", "run_bench"]
 
@@ -59,15 +61,6 @@ class GatewayBenchConfig:
     settle_timeout_s: float = 120.0  # measured transfers not final by then count as not settled
 
 
-@dataclass(frozen=True)
-class Latency:
-    count: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    max_ms: float
-
-
 @dataclass
 class GatewayBenchReport:
     config: dict[str, Any]
@@ -75,10 +68,10 @@ class GatewayBenchReport:
     offered_per_s: float = 0.0
     statuses: dict[str, int] = field(default_factory=dict)
     accepted_per_s: float | None = None
-    accepted: Latency | None = None
+    accepted: LatencySummary | None = None
     settled_count: int = 0
     settled_per_s: float | None = None
-    settled: Latency | None = None
+    settled: LatencySummary | None = None
     not_settled: dict[str, int] = field(default_factory=dict)
     server_ms: dict[str, float] = field(default_factory=dict)
     cpu_pct: dict[str, float] = field(default_factory=dict)
@@ -88,18 +81,6 @@ class GatewayBenchReport:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, default=str)
-
-
-def summarize(values_ns: Sequence[int]) -> Latency | None:
-    """Nearest-rank p50/p90/p99 and max in milliseconds; ``None`` without samples."""
-    ms = sorted(v / 1e6 for v in values_ns)
-    if not ms:
-        return None
-
-    def rank(q: int) -> float:
-        return ms[max(1, -(-q * len(ms) // 100)) - 1]
-
-    return Latency(len(ms), rank(50), rank(90), rank(99), ms[-1])
 
 
 class HttpPool:
@@ -264,7 +245,7 @@ def _accepted_figures(report: GatewayBenchReport, runs: list[tuple[str, int, int
     report.offered_per_s = len(runs) * 1e9 / max(1, max(r[1] for r in runs) - first_due)
     report.statuses = {str(k): v for k, v in Counter(r[2] for r in runs).items()}
     ok = [r for r in runs if r[2] == 202]
-    report.accepted = summarize([r[3] - r[1] for r in ok])
+    report.accepted = summarize_ns([r[3] - r[1] for r in ok])
     if ok:
         report.accepted_per_s = len(ok) * 1e9 / max(1, max(r[3] for r in ok) - first_due)
 
@@ -277,7 +258,7 @@ def _settled_figures(report: GatewayBenchReport, runs: list[tuple[str, int, int,
     report.settled_count = len(done)
     report.not_settled = dict(Counter(events.final.get(u, "pending") for u, *_ in ok
                                       if u not in events.settled))
-    report.settled = summarize([at - due for at, due in done])
+    report.settled = summarize_ns([at - due for at, due in done])
     if done:
         first_due = min(r[1] for r in runs)
         report.settled_per_s = len(done) * 1e9 / max(1, max(at for at, _ in done) - first_due)

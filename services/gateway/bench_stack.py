@@ -21,6 +21,7 @@ import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
+from shared.benchkit import admin_execute
 from shared.events import deposits as ev
 from shared.events.envelope import encode, new_envelope
 from shared.events.registry import Payload
@@ -195,7 +196,7 @@ class BenchStack:
         self._producer: AIOKafkaProducer | None = None
 
     async def start(self, say: Callable[[str], None]) -> None:
-        await _admin(self.cfg.database_url, f'CREATE DATABASE "{self.db_name}"')
+        await admin_execute(self.cfg.database_url, f'CREATE DATABASE "{self.db_name}"')
         await migrate(self.db_url)
         await ensure_topics(self.cfg.bootstrap, self.specs)
         await self._keys()
@@ -206,7 +207,7 @@ class BenchStack:
             say("set-up: two banks onboarded in CNH, wallets issued tokens, accounts funded")
             await self._onboard()
         else:
-            await _admin(self.db_url, "INSERT INTO ledger.assets (code, scale) "
+            await admin_execute(self.db_url, "INSERT INTO ledger.assets (code, scale) "
                                       f"VALUES ('{CURRENCY}', 2)", database=None)
         await self._wait_listening()
 
@@ -290,8 +291,8 @@ class BenchStack:
         if self.cfg.keep:
             return
         with contextlib.suppress(Exception):
-            await _admin(self.cfg.database_url,
-                         f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
+            await admin_execute(self.cfg.database_url,
+                                f'DROP DATABASE IF EXISTS "{self.db_name}" WITH (FORCE)')
         with contextlib.suppress(Exception):
             admin = AIOKafkaAdminClient(bootstrap_servers=self.cfg.bootstrap)
             await admin.start()
@@ -299,15 +300,6 @@ class BenchStack:
                 await admin.delete_topics([s.name for s in self.specs])
             finally:
                 await admin.close()
-
-
-async def _admin(url: str, sql: str, database: str | None = "postgres") -> None:
-    target = url if database is None else f"{url.rpartition('/')[0]}/{database}"
-    conn = await asyncpg.connect(target)
-    try:
-        await conn.execute(sql)
-    finally:
-        await conn.close()
 
 
 def _free_port() -> int:

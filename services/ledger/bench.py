@@ -28,7 +28,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import math
 import os
 import platform
 import pstats
@@ -41,18 +40,28 @@ import time
 import uuid
 import zlib
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
 
+from shared.benchkit import (
+    LatencySummary,
+    admin_execute,
+    delete_topics,
+    die_with_parent,
+    pacing_schedule,
+    per_second,
+    ratio,
+    summarize_ns,
+    with_database,
+)
 from shared.events import ledger as wire
 from shared.events.envelope import encode, new_envelope
 from shared.events.registry import Payload
@@ -81,75 +90,6 @@ RESOLVE_POSTINGS_PER_S, TARGET_POSTINGS_PER_S = 5_000, 20_000
 RESOLVE_P99_MS, TARGET_P99_MS = 100.0, 50.0
 
 Say = Callable[[str], None]
-
-
-# --------------------------------------------------------------------------------------------
-# Pure statistics (unit tested in tests/unit/test_bench_stats.py)
-# --------------------------------------------------------------------------------------------
-
-
-def percentile(sorted_values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile of ascending ``sorted_values`` (``q`` in [0, 100]).
-
-    Nearest rank returns an observed value (as HdrHistogram and most latency tools do): p100 is the
-    maximum, p0 the minimum, and p99 of 100 values is the 99th smallest.
-
-    Raises:
-        ValueError: empty input or ``q`` outside [0, 100].
-    """
-    if not sorted_values:
-        raise ValueError("percentile of no values")
-    if not 0 <= q <= 100:
-        raise ValueError(f"percentile {q} outside [0, 100]")
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
-
-
-@dataclass(frozen=True, slots=True)
-class LatencySummary:
-    count: int
-    p50_ms: float
-    p90_ms: float
-    p99_ms: float
-    p999_ms: float
-    max_ms: float
-    mean_ms: float
-
-
-def summarize_ns(values_ns: Iterable[int]) -> LatencySummary | None:
-    """p50/p90/p99/p99.9/max/mean in milliseconds of nanosecond samples; None when empty."""
-    ordered = sorted(values_ns)
-    if not ordered:
-        return None
-    ms = [v / 1e6 for v in ordered]
-    return LatencySummary(
-        count=len(ms),
-        p50_ms=percentile(ms, 50),
-        p90_ms=percentile(ms, 90),
-        p99_ms=percentile(ms, 99),
-        p999_ms=percentile(ms, 99.9),
-        max_ms=ms[-1],
-        mean_ms=sum(ms) / len(ms),
-    )
-
-
-def per_second(count: int, elapsed_ns: int) -> float:
-    """Events per second; 0 when no time elapsed."""
-    return count * 1e9 / elapsed_ns if elapsed_ns > 0 else 0.0
-
-
-def ratio(numerator: float | None, denominator: float | None) -> float | None:
-    if not numerator or not denominator:
-        return None
-    return numerator / denominator
-
-
-def pacing_schedule(start_ns: int, rate_per_s: float, count: int) -> list[int]:
-    """Scheduled send times (monotonic ns) of ``count`` records offered at ``rate_per_s``."""
-    if rate_per_s <= 0:
-        raise ValueError("rate must be positive")
-    interval = 1e9 / rate_per_s
-    return [start_ns + round(i * interval) for i in range(count)]
 
 
 # --------------------------------------------------------------------------------------------
@@ -361,34 +301,13 @@ class BenchError(RuntimeError):
     pass
 
 
-def with_database(url: str, name: str) -> str:
-    parts = urlsplit(url)
-    return urlunsplit(parts._replace(path=f"/{name}"))
-
-
-async def _admin_execute(server_url: str, sql: str) -> None:
-    conn = await asyncpg.connect(with_database(server_url, "postgres"), timeout=30)
-    try:
-        await conn.execute(sql, timeout=120)
-    finally:
-        await conn.close(timeout=5)
-
-
 async def _create_database(server_url: str, name: str) -> str:
-    await _admin_execute(server_url, f'CREATE DATABASE "{name}"')
+    await admin_execute(server_url, f'CREATE DATABASE "{name}"')
     return with_database(server_url, name)
 
 
 async def _drop_database(server_url: str, name: str) -> None:
-    await _admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    if sys.platform.startswith("linux"):
-        import ctypes
-
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    await admin_execute(server_url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 class WriterProcess:
@@ -418,7 +337,7 @@ class WriterProcess:
         try:
             self.proc = await asyncio.create_subprocess_exec(
                 *argv, cwd=str(_REPO_ROOT), env=env, stdin=asyncio.subprocess.DEVNULL,
-                stdout=log, stderr=log, start_new_session=True, preexec_fn=_die_with_parent)
+                stdout=log, stderr=log, start_new_session=True, preexec_fn=die_with_parent)
         finally:
             log.close()
         self._ps = psutil.Process(self.proc.pid)
@@ -1005,7 +924,7 @@ async def run_pgbench(url: str, seconds: int, say: Say) -> PgbenchFigures:
     async def run(*args: str, limit_s: float) -> str:
         proc = await asyncio.create_subprocess_exec(
             str(exe), *args, url, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=die_with_parent)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(), limit_s)
         except BaseException:
@@ -1100,15 +1019,6 @@ async def _wait_for_leaders(bootstrap: str, specs: Sequence[TopicSpec], limit_s:
         await admin.close()
 
 
-async def _delete_topics(bootstrap: str, names: list[str]) -> None:
-    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
-    await admin.start()
-    try:
-        await admin.delete_topics(names, timeout_ms=30000)
-    finally:
-        await admin.close()
-
-
 async def run_bench(cfg: BenchConfig, say: Say) -> BenchReport:
     """Run the whole benchmark; the report carries ``error`` when a phase failed."""
     run_id = uuid.uuid4().hex[:12]
@@ -1174,7 +1084,7 @@ async def run_bench(cfg: BenchConfig, say: Say) -> BenchReport:
             await ensure_topics(cfg.bootstrap, specs)
             if not cfg.keep:
                 cleanup.push_async_callback(
-                    _quiet, _delete_topics, cfg.bootstrap, [s.name for s in specs])
+                    _quiet, delete_topics, cfg.bootstrap, [s.name for s in specs])
             await _wait_for_leaders(cfg.bootstrap, specs)
             ctx.pool = await asyncpg.create_pool(bench_url, min_size=1, max_size=2)
             cleanup.push_async_callback(_quiet, ctx.pool.close)

@@ -1,4 +1,5 @@
-"""The pure helpers of ``harbour bench ledger``: percentiles, rates, pacing, workload, parsing."""
+"""The pure helpers of the benches (``shared.benchkit`` and ``harbour bench ledger``): percentiles,
+rates, pacing, workload, parsing."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ import pytest
 from services.ledger.bench import (
     FUNDING_FANOUT,
     kafka_version_from_cmdline,
-    pacing_schedule,
-    per_second,
-    percentile,
     plan_transfers,
-    ratio,
     setup_commands,
-    summarize_ns,
 )
+from shared.benchkit import pacing_schedule, per_second, percentile, ratio, summarize_ns
 
 
 def test_percentile_is_nearest_rank() -> None:

@@ -1,0 +1,122 @@
+"""What every ``harbour bench`` shares: latency statistics, pacing, and the throwaway resources
+(databases, topics, child processes) a run creates and removes.
+
+The statistics are pure and unit tested (``tests/unit/test_bench_stats.py``); each service's bench
+module keeps only what it measures.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+from aiokafka.admin import AIOKafkaAdminClient
+
+
+def percentile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank percentile of ascending ``sorted_values`` (``q`` in [0, 100]).
+
+    Nearest rank returns an observed value (as HdrHistogram and most latency tools do): p100 is the
+    maximum, p0 the minimum, and p99 of 100 values is the 99th smallest.
+
+    Raises:
+        ValueError: empty input or ``q`` outside [0, 100].
+    """
+    if not sorted_values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} outside [0, 100]")
+    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
+    return sorted_values[rank - 1]
+
+
+@dataclass(frozen=True, slots=True)
+class LatencySummary:
+    count: int
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    p999_ms: float
+    max_ms: float
+    mean_ms: float
+
+
+def summarize_ns(values_ns: Iterable[int]) -> LatencySummary | None:
+    """p50/p90/p99/p99.9/max/mean in milliseconds of nanosecond samples; None when empty."""
+    ordered = sorted(values_ns)
+    if not ordered:
+        return None
+    ms = [v / 1e6 for v in ordered]
+    return LatencySummary(
+        count=len(ms),
+        p50_ms=percentile(ms, 50),
+        p90_ms=percentile(ms, 90),
+        p99_ms=percentile(ms, 99),
+        p999_ms=percentile(ms, 99.9),
+        max_ms=ms[-1],
+        mean_ms=sum(ms) / len(ms),
+    )
+
+
+def per_second(count: int, elapsed_ns: int) -> float:
+    """Events per second; 0 when no time elapsed."""
+    return count * 1e9 / elapsed_ns if elapsed_ns > 0 else 0.0
+
+
+def ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if not numerator or not denominator:
+        return None
+    return numerator / denominator
+
+
+def pacing_schedule(start_ns: int, rate_per_s: float, count: int) -> list[int]:
+    """Scheduled send times (monotonic ns) of ``count`` records offered at ``rate_per_s``.
+
+    Latency is measured from these, not from the actual send: a sender that falls behind adds
+    its lag to every figure instead of hiding it (no coordinated omission).
+    """
+    if rate_per_s <= 0:
+        raise ValueError("rate must be positive")
+    interval = 1e9 / rate_per_s
+    return [start_ns + round(i * interval) for i in range(count)]
+
+
+def with_database(url: str, name: str) -> str:
+    """``url`` pointing at database ``name`` of the same server."""
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+async def admin_execute(url: str, sql: str, database: str | None = "postgres") -> None:
+    """Run ``sql`` on ``database`` of ``url``'s server (``None``: on ``url``'s own database)."""
+    target = url if database is None else with_database(url, database)
+    conn = await asyncpg.connect(target, timeout=30)
+    try:
+        await conn.execute(sql, timeout=120)
+    finally:
+        await conn.close(timeout=5)
+
+
+async def delete_topics(bootstrap: str, names: list[str]) -> None:
+    admin = AIOKafkaAdminClient(bootstrap_servers=bootstrap, request_timeout_ms=30000)
+    await admin.start()
+    try:
+        await admin.delete_topics(names, timeout_ms=30000)
+    finally:
+        await admin.close()
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` of a bench's child process: it gets SIGTERM when the bench dies, so a killed
+    bench leaves no service running on its throwaway database and topics."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        with contextlib.suppress(Exception):
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
