@@ -35,6 +35,7 @@ def _records(batch: dict[TopicPartition, list[ConsumerRecord]]) -> list[Record]:
 
 
 _POLL_IDLE_MS = 100  # with nothing to do, wait this long for records (then check expiries)
+_KAFKA_COMMIT_EVERY_S = 1.0
 
 
 class _Staged:
@@ -114,6 +115,7 @@ class WriterLoop:
         self.applied = 0
         self._pending_commit: dict[TopicPartition, int] = {}
         self._commit_task: asyncio.Task[None] | None = None
+        self._last_commit_at = 0.0
 
     async def seek_to_stored(self, partitions: list[TopicPartition]) -> None:
         async with self._pool.acquire() as conn:
@@ -139,6 +141,8 @@ class WriterLoop:
         try:
             while not self._stopping.is_set():
                 idle = inflight is None and not staged.size
+                if idle:
+                    self._commit_to_kafka(force=True)
                 await self._stage(staged, timeout_ms=_POLL_IDLE_MS if idle else 0)
                 if inflight is not None:
                     ok, inflight = await inflight, None
@@ -203,12 +207,23 @@ class WriterLoop:
             return False
         self.applied += report.applied
         self._pending_commit.update({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
-        if self._commit_task is None or self._commit_task.done():
-            # Kafka offsets are informational (lag tools); PostgreSQL holds the truth. Commit in
-            # the background, one request at a time, so the broker round trip is off the path.
-            offsets, self._pending_commit = self._pending_commit, {}
-            self._commit_task = asyncio.create_task(self._commit(offsets))
+        self._commit_to_kafka(force=False)
         return True
+
+    def _commit_to_kafka(self, *, force: bool) -> None:
+        """Kafka offsets are informational (lag tools); PostgreSQL holds the truth. So commit in
+        the background, one request at a time and at most every ``_KAFKA_COMMIT_EVERY_S`` while
+        busy (a request per batch is broker CPU the batches compete for), and at once when idle.
+        """
+        loop_time = asyncio.get_running_loop().time()
+        if not self._pending_commit or (
+                self._commit_task is not None and not self._commit_task.done()):
+            return
+        if not force and loop_time - self._last_commit_at < _KAFKA_COMMIT_EVERY_S:
+            return
+        offsets, self._pending_commit = self._pending_commit, {}
+        self._last_commit_at = loop_time
+        self._commit_task = asyncio.create_task(self._commit(offsets))
 
     async def _commit(self, offsets: dict[TopicPartition, int]) -> None:
         with contextlib.suppress(Exception):
