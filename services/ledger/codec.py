@@ -12,6 +12,7 @@ Three outcomes per record, so that accepted + rejected + dead-lettered always eq
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from dataclasses import dataclass
@@ -216,7 +217,7 @@ def result_message(
             + ',"duplicate":' + ("true" if result.duplicate else "false") + "}"
         )
     source = incoming.envelope
-    stamp = '"' + (now or datetime.now(UTC)).isoformat() + '"'
+    stamp = _stamp(now or datetime.now(UTC))
     event_id = '"' + str(new_id()) + '"'
     envelope = (
         '{"event_id":' + event_id + ',"type":"' + type_name + '","schema_version":1'
@@ -231,6 +232,13 @@ def result_message(
         incoming.reply_to, result.command_id.encode(), envelope.encode("ascii"),
         _HEADERS[type_name],
     )
+
+
+@functools.lru_cache(maxsize=4)
+def _stamp(moment: datetime) -> str:
+    """A JSON timestamp; a batch answers every command with the same moment, so it is formatted
+    once per batch, not once per answer."""
+    return '"' + moment.isoformat() + '"'
 
 
 _HEADERS = {

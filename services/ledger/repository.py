@@ -314,7 +314,7 @@ async def apply_balance_deltas(conn: asyncpg.Connection, deltas: dict[str, d.Bal
     fits = all(-_INT8_MAX <= v <= _INT8_MAX for col in cols for v in col)
     kind = "int8" if fits else "numeric"
     args = cols
-    await conn.execute(
+    status = await conn.execute(
         f"""UPDATE ledger.balances b SET
                debits_posted = b.debits_posted + t.dp, credits_posted = b.credits_posted + t.cp,
                debits_pending = b.debits_pending + t.dq, credits_pending = b.credits_pending + t.cq
@@ -324,6 +324,9 @@ async def apply_balance_deltas(conn: asyncpg.Connection, deltas: dict[str, d.Bal
         ids,
         *args,
     )
+    if int(status.split()[-1]) != len(ids):
+        # A delta without its balance row would vanish silently: refuse the whole batch.
+        raise RuntimeError(f"balances: {len(ids)} accounts to update, {status!r} updated")
 
 
 async def copy_journal(

@@ -9,6 +9,7 @@ next offsets, and commit. Nothing is visible until all of it is.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 from collections.abc import Sequence
@@ -77,6 +78,7 @@ class _Batch:
     touched_pendings: set[str] = field(default_factory=set)
     touched_groups: set[str] = field(default_factory=set)  # sealed by commit/void group
     stored_places: dict[str, ChainPlace] = field(default_factory=dict)
+    locked_accounts: set[str] = field(default_factory=set)  # balance rows loaded FOR UPDATE
 
 
 class LedgerWriter:
@@ -120,15 +122,26 @@ class LedgerWriter:
             state = await self._load(conn, [x.command for _, x in incoming], batch)
             now = self.clock.now()
             applied = [(r, x, state.apply(x.command, now)) for r, x in incoming]
-            results = iter(applied)
-            for r, x in fresh:  # record order, so replies and dead letters keep it too
-                if isinstance(x, DeadLetter):
-                    batch.outbox.append(self._dead_letter(r, x))
-                    report.dead_lettered += 1
-                else:
-                    _, _, result = next(results)
-                    self._walk(state, batch, r.partition, x, result, now, report)
-            await self._write(conn, state, batch, d.net_deltas(res for _, _, res in applied))
+            # PostgreSQL updates the balances (rows locked above) while this process journals
+            # the batch and writes its answers: the two no longer wait for each other. Accounts
+            # this batch opens have no balance row yet; theirs follow the account rows.
+            deltas = d.net_deltas(res for _, _, res in applied)
+            opened = {a: deltas.pop(a) for a in list(deltas) if a not in batch.locked_accounts}
+            balances = asyncio.create_task(repo.apply_balance_deltas(conn, deltas))
+            await asyncio.sleep(0)  # the UPDATE goes on the wire
+            try:
+                results = iter(applied)
+                for r, x in fresh:  # record order, so replies and dead letters keep it too
+                    if isinstance(x, DeadLetter):
+                        batch.outbox.append(self._dead_letter(r, x))
+                        report.dead_lettered += 1
+                    else:
+                        _, _, result = next(results)
+                        self._walk(state, batch, r.partition, x, result, now, report)
+            finally:
+                await asyncio.wait([balances])  # never leave a statement running on conn
+            balances.result()
+            await self._write(conn, state, batch, opened)
             await repo.save_progress(conn, self._topic, _next_offsets(fresh), batch.heads)
         self._assets.update((a.code, a) for a in batch.new_assets)  # committed: now cacheable
         report.applied = len(fresh)
@@ -205,6 +218,7 @@ class LedgerWriter:
             touched |= d.accounts_touched(c, state)
         for account in await repo.load_accounts(conn, touched):
             state.load_account(account)
+            batch.locked_accounts.add(account.id)
         return state
 
     async def _load_pendings(
@@ -326,6 +340,7 @@ class LedgerWriter:
         batch: _Batch,
         deltas: dict[str, d.BalanceDelta],
     ) -> None:
+        """Write what ``batch`` gathered and add ``deltas`` to the balances."""
         await repo.insert_assets(conn, batch.new_assets)
         new_ids = {a.id for a in batch.new_accounts}
         await repo.insert_accounts(conn, batch.new_accounts)
