@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from datetime import datetime
+from pathlib import Path
 
 import asyncpg
 import typer
@@ -13,7 +15,7 @@ from rich.table import Table
 from shared.config import PostgresSettings
 from shared.money import format_amount
 
-from .verify import verify
+from .verify import Anchor, chain_heads, read_anchors, verify
 
 ledger_app = typer.Typer(help="Read the ledger: balances and statements.", no_args_is_help=True)
 console = Console()
@@ -25,17 +27,26 @@ async def _pool() -> asyncpg.Pool:
     return pool
 
 
-def verify_command() -> None:
+def verify_command(
+    anchors: Path | None = typer.Option(
+        None, help="JSON lines of chain positions kept outside the database (from `harbour "
+                   "ledger anchor` or clients' PostingAccepted): each must still match"),
+) -> None:
     """Recompute every hash chain and balance from the journal; exit 1 at the first mismatch."""
+    try:
+        kept = read_anchors(anchors.read_text().splitlines()) if anchors else []
+    except (OSError, ValueError) as bad:
+        console.print(f"[red]cannot read anchors[/] {anchors}: {bad}")
+        raise typer.Exit(2) from None
 
     async def run() -> int:
         pool = await _pool()
         try:
-            report = await verify(pool)
+            report = await verify(pool, anchors=kept)
         finally:
             await pool.close()
-        console.print(f"checked {report.postings} postings in {report.partitions} chains and "
-                      f"{report.accounts} accounts")
+        console.print(f"checked {report.postings} postings in {report.partitions} chains, "
+                      f"{report.accounts} accounts and {report.anchors} anchors")
         if report.ok:
             console.print("[green]ledger verified: chains and balances match the journal[/]")
             return 0
@@ -44,6 +55,23 @@ def verify_command() -> None:
         return 1
 
     raise typer.Exit(asyncio.run(run()))
+
+
+@ledger_app.command("anchor")
+def anchor() -> None:
+    """Print every chain head as a JSON line: file it outside the database (write-once storage,
+    an auditor) and pass it to `harbour verify --anchors` later."""
+
+    async def run() -> list[Anchor]:
+        pool = await _pool()
+        try:
+            async with pool.acquire() as conn:
+                return await chain_heads(conn)
+        finally:
+            await pool.close()
+
+    for head in asyncio.run(run()):
+        typer.echo(json.dumps(head.to_json()))
 
 
 _BALANCES = """

@@ -3,12 +3,19 @@
 A fund administrator runs this against a copy of the database to check, independently of the
 writer, that no journal row was altered, removed or reordered (the chains) and that the balance
 projection equals what the entries say (the balances). The first mismatch is named.
+
+A chain proves its own consistency, not its history: someone with superuser rights could rewrite a
+posting and recompute every hash after it. Anchors close that gap. An anchor is a chain position
+kept outside the database: ``harbour ledger anchor`` prints the chain heads for ops to file away
+(write-once storage, an auditor's mailbox), and every ``PostingAccepted`` a client received is
+one too (partition, sequence, hash). ``harbour verify --anchors FILE`` then requires each anchored
+position to still carry its anchored hash, so history before an anchor cannot change unnoticed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -18,11 +25,62 @@ from . import domain as d
 from .repository import CHAIN_PHASE, entry_from_row
 
 
+@dataclass(frozen=True, slots=True)
+class Anchor:
+    """A chain position recorded outside the database."""
+
+    partition: int
+    sequence: int
+    hash: bytes
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> Anchor:
+        """From ``harbour ledger anchor`` output or a ``PostingAccepted`` payload.
+
+        Raises:
+            ValueError: a field is missing or of the wrong kind.
+        """
+        try:
+            partition, sequence, digest = raw["partition"], raw["sequence"], raw["hash"]
+        except KeyError as missing:
+            raise ValueError(f"anchor without {missing}: {raw}") from None
+        if type(partition) is not int or type(sequence) is not int or not isinstance(digest, str):
+            raise ValueError(f"anchor needs integer partition and sequence and a hex hash: {raw}")
+        return cls(partition, sequence, bytes.fromhex(digest))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"partition": self.partition, "sequence": self.sequence, "hash": self.hash.hex()}
+
+
+def read_anchors(lines: Iterable[str]) -> list[Anchor]:
+    """Anchors from JSON lines (blank lines skipped).
+
+    Raises:
+        ValueError: a line is not an anchor; its number is in the message.
+    """
+    anchors = []
+    for number, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                anchors.append(Anchor.from_json(json.loads(line)))
+            except (ValueError, TypeError) as bad:
+                raise ValueError(f"line {number}: {bad}") from None
+    return anchors
+
+
+async def chain_heads(conn: asyncpg.Connection) -> list[Anchor]:
+    """The current head of every chain: what ``harbour ledger anchor`` prints."""
+    rows = await conn.fetch("SELECT partition, sequence, hash FROM ledger.chain_heads "
+                            "ORDER BY partition")
+    return [Anchor(r["partition"], r["sequence"], bytes(r["hash"])) for r in rows]
+
+
 @dataclass
 class VerifyReport:
     postings: int = 0
     partitions: int = 0
     accounts: int = 0
+    anchors: int = 0
     mismatches: list[str] = field(default_factory=list)
 
     @property
@@ -34,13 +92,15 @@ class VerifyReport:
         return self.mismatches[0] if self.mismatches else None
 
 
-async def verify(pool: asyncpg.Pool, *, limit_mismatches: int = 20) -> VerifyReport:
-    """Check references, chains, then balances, then that every asset nets to zero."""
+async def verify(pool: asyncpg.Pool, *, anchors: Sequence[Anchor] = (),
+                 limit_mismatches: int = 20) -> VerifyReport:
+    """Check references, chains (and ``anchors``), balances, then that every asset nets to
+    zero."""
     report = VerifyReport()
     async with pool.acquire() as conn, conn.transaction(isolation="repeatable_read",
                                                         readonly=True):
         await _check_references(conn, report)
-        await _check_chains(conn, report)
+        await _check_chains(conn, report, anchors)
         await _check_balances(conn, report)
         await _check_assets_net_zero(conn, report)
     del report.mismatches[limit_mismatches:]
@@ -101,9 +161,12 @@ async def _check_references(conn: asyncpg.Connection, report: VerifyReport, limi
                 f"{r['account_asset']}")
 
 
-async def _check_chains(conn: asyncpg.Connection, report: VerifyReport) -> None:
+async def _check_chains(conn: asyncpg.Connection, report: VerifyReport,
+                        anchors: Sequence[Anchor]) -> None:
     heads = {r["partition"]: (r["sequence"], bytes(r["hash"]))
              for r in await conn.fetch("SELECT * FROM ledger.chain_heads")}
+    anchored = {(a.partition, a.sequence): a.hash for a in anchors}
+    found: dict[tuple[int, int], bytes] = {}
     last: dict[int, tuple[int, bytes]] = {}
     async for posting, entries in _postings(conn):
         report.postings += 1
@@ -116,7 +179,18 @@ async def _check_chains(conn: asyncpg.Connection, report: VerifyReport) -> None:
         if digest != bytes(posting["hash"]):
             report.mismatches.append(f"{where}: hash does not match its content and chain")
         last[partition] = (posting["sequence"], bytes(posting["hash"]))
+        if (partition, posting["sequence"]) in anchored:
+            found[partition, posting["sequence"]] = digest  # recomputed, not as stored
     report.partitions = len(last)
+    report.anchors = len(anchored)
+    for (partition, sequence), digest in sorted(anchored.items()):
+        where = f"anchor partition {partition} sequence {sequence}"
+        if (partition, sequence) not in found:
+            report.mismatches.append(f"{where}: no such posting (the chain was cut short)")
+        elif found[partition, sequence] != digest:
+            report.mismatches.append(
+                f"{where}: the journal hashes to {found[partition, sequence].hex()[:16]}..., "
+                f"the anchor says {digest.hex()[:16]}... (history up to it was rewritten)")
     for partition, head in sorted(heads.items()):
         if last.get(partition) != head:
             report.mismatches.append(f"chain head of partition {partition} does not match")

@@ -8,13 +8,16 @@ refusal (a superuser disabling triggers) are named by ``verify`` and by ``harbou
   privileges, and the writer runs under that role;
 - a row altered with the triggers disabled (an entry's amount, a posting's metadata, a posting
   removed, a balance edited) makes ``verify`` fail naming the posting or account, and the CLI
-  exits non-zero.
+  exits non-zero;
+- a superuser who also recomputes every hash after the edit leaves consistent chains, but not the
+  anchors kept outside the database (``harbour ledger anchor``, clients' receipts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +25,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
-from services.ledger.verify import verify
+from services.ledger import domain as d
+from services.ledger.verify import Anchor, _as_result, _postings, chain_heads, verify
 from services.ledger.writer import LedgerWriter, Record
 from shared.clock import ManualClock
 from shared.events import ledger as wire
@@ -231,10 +235,14 @@ async def tamper(pool: asyncpg.Pool, table: str, sql: str) -> None:
         await conn.execute(f"ALTER TABLE ledger.{table} ENABLE TRIGGER ALL")
 
 
-async def harbour_verify(db_url: str) -> tuple[int, str]:
+async def harbour_verify(db_url: str, *args: str) -> tuple[int, str]:
+    return await harbour(db_url, "verify", *args)
+
+
+async def harbour(db_url: str, *args: str) -> tuple[int, str]:
     env = {**os.environ, "HARBOUR_DATABASE_URL": db_url, "COLUMNS": "400"}
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "services.cli.main", "verify", cwd=ROOT, env=env,
+        sys.executable, "-m", "services.cli.main", *args, cwd=ROOT, env=env,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
     out, _ = await asyncio.wait_for(proc.communicate(), timeout=120)
     assert proc.returncode is not None
@@ -315,3 +323,77 @@ async def test_verify_names_an_edited_balance(db_url: str, pool: asyncpg.Pool) -
     assert "account cust:2" in (report.first_mismatch or ""), report.mismatches
     code, out = await harbour_verify(db_url)
     assert code != 0 and "cust:2" in out, out
+
+
+# --------------------------------------------------------------------------------------------
+# Anchors: a rewrite that recomputes the chain is consistent, but not with what was kept outside
+# --------------------------------------------------------------------------------------------
+
+
+async def rewrite_history(pool: asyncpg.Pool, sql: str) -> None:
+    """The worst insider: edits the journal, then recomputes every hash (postings, results,
+    chain heads) so that the chains are consistent again."""
+    async with pool.acquire() as conn, conn.transaction():
+        for table in JOURNAL:
+            await conn.execute(f"ALTER TABLE ledger.{table} DISABLE TRIGGER ALL")
+        await conn.execute(sql)
+        chains = [(p, e) async for p, e in _postings(conn)]
+        prev: dict[int, bytes] = {}
+        for posting, entries in chains:
+            partition = posting["partition"]
+            digest = d.chain_hash(prev.get(partition, d.GENESIS_HASH),
+                                  d.canonical_posting_bytes(_as_result(posting, entries)))
+            prev[partition] = digest
+            await conn.execute("UPDATE ledger.postings SET hash = $2 WHERE id = $1",
+                               posting["id"], digest)
+            await conn.execute("UPDATE ledger.results SET hash = $2 WHERE posting_id = $1",
+                               posting["id"], digest)
+        for partition, digest in prev.items():
+            await conn.execute("UPDATE ledger.chain_heads SET hash = $2 WHERE partition = $1",
+                               partition, digest)
+        for table in JOURNAL:
+            await conn.execute(f"ALTER TABLE ledger.{table} ENABLE TRIGGER ALL")
+
+
+async def test_anchors_catch_a_rewrite_that_recomputed_the_chain(
+        db_url: str, pool: asyncpg.Pool, tmp_path: Path) -> None:
+    await seed(pool)
+    code, out = await harbour(db_url, "ledger", "anchor")
+    assert code == 0, out
+    anchors = tmp_path / "anchors.jsonl"
+    anchors.write_text(out)
+    async with pool.acquire() as conn:
+        assert [a.to_json() for a in await chain_heads(conn)] == [
+            Anchor.from_json(json.loads(line)).to_json()
+            for line in out.splitlines() if line.strip()]
+    code, out = await harbour_verify(db_url, "--anchors", str(anchors))
+    assert code == 0 and "1 anchors" in out, out
+
+    # A transfer's beneficiary swapped, balances adjusted to match, every hash recomputed.
+    await rewrite_history(pool, """
+        UPDATE ledger.entries SET account_id = 'bank:cash' WHERE posting_id = 'p3' AND idx = 1;
+        UPDATE ledger.balances SET credits_posted = credits_posted - 500
+            WHERE account_id = 'cust:1';
+        UPDATE ledger.balances SET credits_posted = credits_posted + 500
+            WHERE account_id = 'bank:cash';""")
+
+    assert (await verify(pool)).ok, "without anchors the rewrite is consistent (the known gap)"
+    kept = [Anchor.from_json(json.loads(line))
+            for line in anchors.read_text().splitlines() if line.strip()]
+    report = await verify(pool, anchors=kept)
+    assert not report.ok
+    assert "anchor partition 0" in (report.first_mismatch or ""), report.mismatches
+    assert "rewritten" in (report.first_mismatch or "")
+    code, out = await harbour_verify(db_url, "--anchors", str(anchors))
+    assert code == 1 and "MISMATCH" in out and "anchor partition 0" in out, out
+
+
+async def test_an_anchor_past_the_end_of_a_chain_names_the_cut(pool: asyncpg.Pool) -> None:
+    await seed(pool)
+    async with pool.acquire() as conn:
+        (head,) = await chain_heads(conn)
+    later = Anchor(head.partition, head.sequence + 1, b"\x01" * 32)
+    report = await verify(pool, anchors=[head, later])
+    assert report.mismatches == [
+        f"anchor partition {head.partition} sequence {head.sequence + 1}: "
+        "no such posting (the chain was cut short)"]
