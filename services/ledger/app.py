@@ -47,7 +47,8 @@ async def run_ledger(
     # rebalanced each other under load.)
     writers = [
         WriterLoop(pool, ledger, kafka.kafka_bootstrap, topic=settings.commands_topic,
-                   group_id=settings.group_id, max_records=settings.max_batch)
+                   group_id=settings.group_id, max_records=settings.max_batch,
+                   instance_id=settings.instance_id)
     ]
     tasks = [asyncio.create_task(w.run(), name=f"ledger-writer-{i}") for i, w in enumerate(writers)]
     relay: OutboxRelay | None = None

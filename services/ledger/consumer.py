@@ -94,6 +94,7 @@ class WriterLoop:
         group_id: str,
         max_records: int = 2000,
         expiry_interval_s: float = 0.5,
+        instance_id: str | None = None,
     ) -> None:
         self._pool = pool
         self._writer = writer
@@ -104,6 +105,7 @@ class WriterLoop:
         self.consumer = AIOKafkaConsumer(
             bootstrap_servers=bootstrap,
             group_id=group_id,
+            group_instance_id=instance_id,
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             isolation_level="read_committed",

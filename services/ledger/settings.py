@@ -17,3 +17,9 @@ class LedgerSettings(BaseSettings):
     max_batch: int = 2000  # records per transaction: larger batches amortise commit cost
     relay_batch: int = 2000  # results published per relay round
     pool_size: int = 8
+    # Static group membership (Kafka KIP-345): a writer restarted with the same id gets its
+    # partitions back at once, instead of after the dead member's session timeout (10 s of no
+    # settlement on those partitions). Unique per running writer: a pod or host name. A second
+    # live writer with the same id fences the first (Kafka), which is then stopped; PostgreSQL's
+    # offset locks keep even that case exactly-once. Unset: dynamic membership.
+    instance_id: str | None = None

@@ -75,6 +75,9 @@ class LocalStack:
             **os.environ,
             "HARBOUR_KAFKA_BOOTSTRAP": self.kafka.bootstrap,
             "HARBOUR_DATABASE_URL": self.postgres.url,
+            # One ledger writer here: a restart takes its partitions back at once.
+            "HARBOUR_LEDGER_INSTANCE_ID": os.environ.get("HARBOUR_LEDGER_INSTANCE_ID",
+                                                         "ledger-local"),
         }
 
 

@@ -59,7 +59,8 @@ class LedgerProcess:
 
     @classmethod
     async def start(cls, *, db_url: str, bootstrap: str, topic: str, group_id: str,
-                    log_path: Path, name: str = "ledger") -> LedgerProcess:
+                    log_path: Path, name: str = "ledger",
+                    instance_id: str | None = None) -> LedgerProcess:
         env = {
             **os.environ,
             "HARBOUR_KAFKA_BOOTSTRAP": bootstrap,
@@ -68,6 +69,9 @@ class LedgerProcess:
             "HARBOUR_LEDGER_GROUP_ID": group_id,
             "PYTHONUNBUFFERED": "1",
         }
+        env.pop("HARBOUR_LEDGER_INSTANCE_ID", None)
+        if instance_id is not None:
+            env["HARBOUR_LEDGER_INSTANCE_ID"] = instance_id
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with log_path.open("ab") as log:
             log.write(f"==== start {name} at {time.time():.3f}\n".encode())
@@ -146,10 +150,11 @@ class Processes:
         self.db_url, self.bootstrap, self.topic, self.log_dir = db_url, bootstrap, topic, log_dir
         self.started: list[LedgerProcess] = []
 
-    async def start(self, group_id: str, name: str = "ledger") -> LedgerProcess:
+    async def start(self, group_id: str, name: str = "ledger",
+                    instance_id: str | None = None) -> LedgerProcess:
         p = await LedgerProcess.start(
             db_url=self.db_url, bootstrap=self.bootstrap, topic=self.topic, group_id=group_id,
-            log_path=self.log_dir / f"{name}.log", name=name,
+            log_path=self.log_dir / f"{name}.log", name=name, instance_id=instance_id,
         )
         self.started.append(p)
         return p

@@ -113,11 +113,12 @@ async def test_kill_9_during_20k_command_run_changes_nothing_but_time(
     began = time.monotonic()
     async with R.Processes(db_url=db_url, bootstrap=kafka_bootstrap, topic=commands,
                            log_dir=tmp_path) as procs:
-        proc = await procs.start(group, "writer-0")
+        # Every restart is the same static group member (as under `make up` and compose): it
+        # gets its partitions back at once. (Dynamic membership is killed -9 in test 2.)
+        proc = await procs.start(group, "writer-0", instance_id="writer")
         await run_setup(kafka_bootstrap, commands, pool, s, procs)
         # A steady client; the last 2,000 transfers wait for the fifth kill, so every kill lands
-        # mid-run (each restart also waits ~10 s for the dead member's Kafka session to expire,
-        # which leaves a backlog for the next writer to apply in large batches).
+        # mid-run.
         feed = R.Feed(kafka_bootstrap, commands, s.transfer_items(), rate_per_s=400, held=2_000)
         try:
             while len(kills) < 6:
@@ -144,7 +145,7 @@ async def test_kill_9_during_20k_command_run_changes_nothing_but_time(
                 assert not procs.crashed(), procs.logs()
                 if len(kills) == 5:
                     feed.release()
-                proc = await procs.start(group, f"writer-{len(kills)}")
+                proc = await procs.start(group, f"writer-{len(kills)}", instance_id="writer")
             await feed.finish(timeout_s=120)
             await R.wait_applied_and_relayed(pool, commands, total, timeout_s=120, procs=procs)
             assert await proc.stop() == 0, procs.logs()
