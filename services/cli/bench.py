@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ from rich.console import Console
 
 from services.deposits.bench import command as deposits_bench
 from services.gateway.bench import bench_gateway
+from shared.runtime import run
 
 bench_app = typer.Typer(help="Benchmarks (throughput and latency beside the raw ceiling).",
                         no_args_is_help=True)
@@ -63,7 +63,7 @@ def ledger(
         console.print(f"[bold cyan]bench[/] {line}")
 
     # Ctrl-C and SIGTERM cancel the run inside run_bench, which cleans up and returns what it has.
-    report = asyncio.run(run_bench(cfg, say))
+    report = run(run_bench(cfg, say))
     render(report, console)
     if json_path is not None:
         json_path.write_text(report.to_json())

@@ -25,7 +25,7 @@ from shared.clock import Clock, SystemClock
 from shared.config import KafkaSettings, PostgresSettings
 from shared.messaging.broker import make_broker
 from shared.messaging.dlq import DeadLetterMiddleware
-from shared.runtime import tune_gc
+from shared.runtime import run, tune_gc
 from shared.store.outbox import OutboxRelay
 from shared.store.pool import create_pool
 
@@ -177,7 +177,7 @@ def main() -> None:
                            DepositsSettings(), stop)
         log.info("deposits service stopped")
 
-    asyncio.run(serve())
+    run(serve())
 
 
 if __name__ == "__main__":

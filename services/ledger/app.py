@@ -19,7 +19,7 @@ import subprocess
 import asyncpg
 
 from shared.config import KafkaSettings, PostgresSettings
-from shared.runtime import tune_gc
+from shared.runtime import run, tune_gc
 from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
@@ -103,7 +103,7 @@ def main() -> None:
         await run_ledger(KafkaSettings(), PostgresSettings(), LedgerSettings(), stop)
         log.info("ledger writer stopped")
 
-    asyncio.run(serve())
+    run(serve())
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import subprocess
 import sys
 
 from shared.config import KafkaSettings, PostgresSettings
-from shared.runtime import tune_gc
+from shared.runtime import run, tune_gc
 from shared.store.outbox import OutboxRelay
 
 from .settings import LedgerSettings
@@ -59,7 +59,7 @@ def main() -> None:
         tune_gc()
         await run_relay(KafkaSettings(), PostgresSettings(), LedgerSettings(), stop)
 
-    asyncio.run(serve())
+    run(serve())
 
 
 if __name__ == "__main__":
