@@ -36,6 +36,7 @@ def _records(batch: dict[TopicPartition, list[ConsumerRecord]]) -> list[Record]:
 
 _POLL_IDLE_MS = 100  # with nothing to do, wait this long for records (then check expiries)
 _KAFKA_COMMIT_EVERY_S = 1.0
+_DECODE_CHUNK = 64  # records decoded between yields to the batch in flight (about 3 ms)
 
 
 class _Staged:
@@ -170,11 +171,19 @@ class WriterLoop:
                 await self.consumer.stop()
 
     async def _stage(self, staged: _Staged, *, timeout_ms: int) -> None:
+        """Fetch and decode what is buffered (waiting up to ``timeout_ms`` for it).
+
+        Decoding goes in small chunks with a yield between them, so that the batch in flight
+        carries on the moment PostgreSQL answers it: decoding fills every wait of that batch
+        (loads, writes, commit) instead of holding up its next step.
+        """
         room = self._max_records - staged.size
         if room > 0:
             batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=room)
             for tp, records in batch.items():
-                staged.add(tp, records, self._writer)
+                for start in range(0, len(records), _DECODE_CHUNK):
+                    staged.add(tp, records[start:start + _DECODE_CHUNK], self._writer)
+                    await asyncio.sleep(0)
 
     async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]],
                      records: list[Record], prepared: list[Any]) -> bool:
