@@ -19,7 +19,7 @@ class LedgerSettings(BaseSettings):
     pool_size: int = 8
     # Static group membership (Kafka KIP-345): a writer restarted with the same id gets its
     # partitions back at once, instead of after the dead member's session timeout (10 s of no
-    # settlement on those partitions). Unique per running writer: a pod or host name. A second
-    # live writer with the same id fences the first (Kafka), which is then stopped; PostgreSQL's
-    # offset locks keep even that case exactly-once. Unset: dynamic membership.
+    # settlement on those partitions). Unique per running writer: a pod or host name (two live
+    # writers with one id fence each other in Kafka; PostgreSQL's offset locks keep even that
+    # exactly-once, but it is a misconfiguration). Unset: dynamic membership.
     instance_id: str | None = None
