@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 # does not overlap the one-key space used by the migration runner.
 RELAY_LOCK_CLASS = 0x48424F58  # "HBOX"
 PRODUCER_STOP_TIMEOUT_S = 30
+DEFAULT_RETENTION = timedelta(hours=1)  # sent rows kept for inspection, then deleted
+PURGE_CHUNK = 10_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +71,13 @@ class Outbox:
             ORDER BY m.ord
             RETURNING id"""
         self._unsent_sql = f"SELECT count(*) FROM {table} WHERE sent_at IS NULL"
+        # Oldest first (the primary key's order), a bounded chunk per statement: the table is
+        # a transport buffer, and a purge must not hold up the relay or the writers for long.
         self._purge_sql = f"""
-            DELETE FROM {table}
-            WHERE sent_at IS NOT NULL AND sent_at < clock_timestamp() - $1::interval"""
+            DELETE FROM {table} WHERE id IN (
+                SELECT id FROM {table}
+                WHERE sent_at IS NOT NULL AND sent_at < clock_timestamp() - $1::interval
+                ORDER BY id LIMIT $2)"""
 
     async def add(
         self,
@@ -112,19 +118,23 @@ class Outbox:
         with translated():
             return int(await conn.fetchval(self._unsent_sql))
 
-    async def purge_sent(self, conn: asyncpg.Connection, older_than: timedelta) -> int:
-        """Delete rows sent more than ``older_than`` ago; return how many (ops housekeeping)."""
+    async def purge_sent(self, conn: asyncpg.Connection, older_than: timedelta,
+                         limit: int = 10_000) -> int:
+        """Delete up to ``limit`` rows sent more than ``older_than`` ago, oldest first; return
+        how many. Unsent rows are never touched. (The relay calls this on its own.)"""
         with translated():
-            status = await conn.execute(self._purge_sql, older_than)
+            status = await conn.execute(self._purge_sql, older_than, limit)
         return int(status.split()[-1])
 
 
 @dataclass(slots=True)
 class RelayStats:
-    """Counters for metrics: records and batches published, failures, leadership."""
+    """Counters for metrics: records and batches published, sent rows purged, failures,
+    leadership."""
 
     published: int = 0
     batches: int = 0
+    purged: int = 0
     errors: int = 0
     is_leader: bool = False
     last_error: str | None = None
@@ -144,6 +154,12 @@ class OutboxRelay:
         retry_delay_s: pause after a Kafka or Postgres failure before starting over.
         producer_options: extra ``AIOKafkaProducer`` settings (the safety ones cannot be
             overridden).
+        retention: how long sent rows stay (for inspection) before the publishing relay
+            deletes them; ``None`` keeps them forever. The history lives in the journal and
+            the event store; an outbox that is never purged grows by every message published
+            and makes each autovacuum of it longer.
+        purge_every_s: how often the publishing relay deletes expired rows (a chunk per round
+            until none are left).
     """
 
     def __init__(
@@ -156,6 +172,8 @@ class OutboxRelay:
         poll_interval_s: float = 1.0,
         retry_delay_s: float = 1.0,
         producer_options: dict[str, Any] | None = None,
+        retention: timedelta | None = DEFAULT_RETENTION,
+        purge_every_s: float = 60.0,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be >= 1")
@@ -168,6 +186,9 @@ class OutboxRelay:
         self._poll_interval_s = poll_interval_s
         self._retry_delay_s = retry_delay_s
         self._producer_options = producer_options or {}
+        self._retention = retention
+        self._purge_every_s = purge_every_s
+        self._outbox = Outbox(schema)
         self._channel = f"{schema}_outbox"
         self._select_sql = f"""
             SELECT id, topic, key, value, headers::text AS headers FROM {table}
@@ -207,9 +228,18 @@ class OutboxRelay:
                 await self._release(conn)
 
     async def _pump(self, conn: asyncpg.Connection, producer: AIOKafkaProducer) -> None:
+        loop = asyncio.get_running_loop()
+        next_purge = loop.time()
         while not self._stopping.is_set():
             self._wake.clear()  # before reading: a NOTIFY during the round wakes the next wait
-            if await self._relay_batch(conn, producer) < self._batch_size:
+            relayed = await self._relay_batch(conn, producer)
+            if self._retention is not None and loop.time() >= next_purge:
+                # One chunk per round, between publishing rounds; a full chunk means more.
+                purged = await self._outbox.purge_sent(conn, self._retention, PURGE_CHUNK)
+                self.stats.purged += purged
+                if purged < PURGE_CHUNK:
+                    next_purge = loop.time() + self._purge_every_s
+            if relayed < self._batch_size:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._poll_interval_s)
 

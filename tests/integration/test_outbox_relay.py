@@ -428,6 +428,30 @@ async def test_relay_recovers_when_postgres_drops_its_session(
     assert len(received) - 2000 <= 50  # no more than one batch again
 
 
+async def test_the_publishing_relay_deletes_sent_rows_after_their_retention(
+    db_url: str, kafka_bootstrap: str, new_topic: NewTopic
+) -> None:
+    """The outbox is a transport buffer: sent rows go after ``retention``, unsent ones never."""
+    topic = await new_topic("outbox-purge", partitions=2)
+    ledger = Ledger(topic)
+    pool = await create_pool(db_url, min_size=1, max_size=4)
+    try:
+        outbox = await make_store(pool, "relay_purge")
+        relay = OutboxRelay(db_url, "relay_purge", kafka_bootstrap, batch_size=100,
+                            poll_interval_s=0.1, retention=timedelta(0), purge_every_s=0.1)
+        async with running(relay):
+            await write_keys(pool, outbox, ledger, ["p", "q"], 600, seed=11)
+            await wait_for(lambda: relay.stats.published >= 600, 30, "the relay to publish")
+
+            await wait_for(lambda: relay.stats.purged >= 600, 30, "the relay to purge")
+            assert relay.stats.purged == 600
+            assert await pool.fetchval("SELECT count(*) FROM relay_purge.outbox") == 0
+    finally:
+        await pool.close()
+    received = await consume(kafka_bootstrap, topic, timeout_s=30, until=lambda g: len(g) >= 600)
+    assert_delivered(ledger, received, exactly_once=True)
+
+
 async def test_outbox_writes_in_input_order_inside_the_callers_transaction(db_url: str) -> None:
     pool = await create_pool(db_url, min_size=1, max_size=2)
     try:
@@ -456,7 +480,14 @@ async def test_outbox_writes_in_input_order_inside_the_callers_transaction(db_ur
                                " WHERE id = ANY($1)", ids[:10])
             assert await outbox.purge_sent(conn, timedelta(days=1)) == 10
             assert await outbox.purge_sent(conn, timedelta(days=1)) == 0
+            assert await outbox.purge_sent(conn, timedelta(0)) == 0  # unsent rows stay, always
             assert await conn.fetchval("SELECT count(*) FROM outbox_rows.outbox") == len(rows) - 10
+            await conn.execute("UPDATE outbox_rows.outbox SET sent_at = now() - interval '1 hour'"
+                               " WHERE id = ANY($1)", ids[10:20])
+            assert [await outbox.purge_sent(conn, timedelta(minutes=1), limit=4)
+                    for _ in range(4)] == [4, 4, 2, 0]  # oldest first, in bounded chunks
+            remaining = await conn.fetch("SELECT id FROM outbox_rows.outbox ORDER BY id")
+            assert [r["id"] for r in remaining] == [*ids[20:], keyless]
     finally:
         await pool.close()
 
