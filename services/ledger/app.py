@@ -24,7 +24,7 @@ from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
 from .relay import spawn_child
-from .settings import LedgerSettings
+from .settings import ANSWERS_RETENTION, LedgerSettings
 from .writer import LedgerWriter
 
 log = logging.getLogger("harbour.ledger")
@@ -57,7 +57,8 @@ async def run_ledger(
         tasks.append(asyncio.create_task(_keep_relay_running(children, stop), name="relay-child"))
     else:
         relay = OutboxRelay(pool, "ledger", kafka.kafka_bootstrap,
-                            batch_size=settings.relay_batch, poll_interval_s=0.5)
+                            batch_size=settings.relay_batch, poll_interval_s=0.5,
+                        retention=ANSWERS_RETENTION)
         tasks.append(asyncio.create_task(relay.run(), name="ledger-relay"))
     try:
         stopped = asyncio.create_task(stop.wait())

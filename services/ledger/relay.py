@@ -19,7 +19,7 @@ from shared.config import KafkaSettings, PostgresSettings
 from shared.runtime import run, tune_gc
 from shared.store.outbox import OutboxRelay
 
-from .settings import LedgerSettings
+from .settings import ANSWERS_RETENTION, LedgerSettings
 
 log = logging.getLogger("harbour.ledger.relay")
 _PR_SET_PDEATHSIG = 1
@@ -41,7 +41,8 @@ def spawn_child() -> subprocess.Popen[bytes]:
 async def run_relay(kafka: KafkaSettings, postgres: PostgresSettings, settings: LedgerSettings,
                     stop: asyncio.Event) -> None:
     relay = OutboxRelay(postgres.database_url, "ledger", kafka.kafka_bootstrap,
-                        batch_size=settings.relay_batch, poll_interval_s=0.5)
+                        batch_size=settings.relay_batch, poll_interval_s=0.5,
+                        retention=ANSWERS_RETENTION)
     task = asyncio.create_task(relay.run(), name="ledger-relay")
     await stop.wait()
     relay.stop()

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.events.topics import LEDGER_COMMANDS, LEDGER_WRITER_GROUP
+
+# The ledger's outbox rows are its answers, which ledger.results keeps for good: each row is
+# deleted as soon as Kafka has it (cheaper for PostgreSQL than marking it sent).
+ANSWERS_RETENTION = timedelta(0)
 
 
 class LedgerSettings(BaseSettings):
