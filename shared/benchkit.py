@@ -7,16 +7,29 @@ module keeps only what it measures.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
+import os
 import signal
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
+import psutil
 from aiokafka.admin import AIOKafkaAdminClient
+
+from shared.runtime import die_with_parent
+
+__all__ = [
+    "LatencySummary", "ServiceProcess", "admin_execute", "delete_topics", "die_with_parent",
+    "pacing_schedule", "per_second", "percentile", "ratio", "summarize_ns", "with_database",
+]
+
+_REPO = Path(__file__).resolve().parents[1]
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -112,11 +125,67 @@ async def delete_topics(bootstrap: str, names: list[str]) -> None:
         await admin.close()
 
 
-def die_with_parent() -> None:
-    """``preexec_fn`` of a bench's child process: it gets SIGTERM when the bench dies, so a killed
-    bench leaves no service running on its throwaway database and topics."""
-    if sys.platform.startswith("linux"):
-        import ctypes
+class ServiceProcess:
+    """``python -m services.<name>.app`` with its own environment and log, sampled for RSS.
 
-        with contextlib.suppress(Exception):
-            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    ``HARBOUR_BENCH_PROFILE_<NAME>=<path>`` runs it under cProfile, whose statistics are written
+    to ``<path>`` when it exits (figures then include the profiler's overhead).
+    """
+
+    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
+        self.name, self.env, self.log_path = name, env, log_path
+        self.proc: asyncio.subprocess.Process | None = None
+        self.ps: psutil.Process | None = None
+        self.peak_rss = 0
+        self._sampler: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        argv = ["-m", f"services.{self.name}.app"]
+        profile = os.environ.get(f"HARBOUR_BENCH_PROFILE_{self.name.upper()}")
+        if profile:
+            argv = ["-m", "cProfile", "-o", profile, *argv]
+        with self.log_path.open("ab") as log:
+            self.proc = await asyncio.create_subprocess_exec(
+                sys.executable, *argv, cwd=str(_REPO),
+                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
+                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, preexec_fn=die_with_parent)
+        self.ps = psutil.Process(self.proc.pid)
+        self._sampler = asyncio.create_task(self._sample())
+
+    async def _sample(self) -> None:
+        while self.proc is not None and self.proc.returncode is None and self.ps is not None:
+            with contextlib.suppress(psutil.Error):
+                self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
+            await asyncio.sleep(0.2)
+
+    def cpu_s(self) -> float:
+        with contextlib.suppress(psutil.Error):
+            if self.ps is not None:
+                t = self.ps.cpu_times()
+                return float(t.user + t.system)  # float ok: CPU seconds
+        return 0.0
+
+    def check(self) -> None:
+        """Raise if the process has exited (a bench must not wait on a dead service)."""
+        if self.proc is not None and self.proc.returncode is not None:
+            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
+                               f"{self.tail()}")
+
+    def tail(self, lines: int = 20) -> str:
+        with contextlib.suppress(OSError):
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        return ""
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after 30 s."""
+        if self._sampler is not None:
+            self._sampler.cancel()
+        if self.proc is None or self.proc.returncode is not None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(self.proc.wait(), 30)
+        except TimeoutError:
+            self.proc.kill()
+            await self.proc.wait()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ctypes
 import gc
-from collections.abc import Coroutine
+import logging
+import signal
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -35,3 +40,32 @@ def run(main: Coroutine[Any, Any, T]) -> T:
     except ImportError:  # pragma: no cover - Windows
         return asyncio.run(main)
     return uvloop.run(main)
+
+
+def run_service(name: str, body: Callable[[asyncio.Event], Awaitable[None]]) -> None:
+    """The ``main()`` of every service process: INFO logging, start-up objects kept out of the
+    collector, SIGTERM/SIGINT set the event ``body`` runs until, all on :func:`run`."""
+    logging.basicConfig(level=logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    log = logging.getLogger(f"harbour.{name.split()[0]}")
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        tune_gc()
+        log.info("%s starting", name)
+        await body(stop)
+        log.info("%s stopped", name)
+
+    run(serve())
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child process: the kernel sends it SIGTERM when its parent dies
+    (Linux ``PR_SET_PDEATHSIG``), so a SIGKILLed parent leaves no orphan behind (a relay holding
+    its advisory lock, a service running on a bench's throwaway database)."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 from collections.abc import Awaitable, Callable
 from datetime import timedelta
 
@@ -25,7 +24,7 @@ from shared.clock import Clock, SystemClock
 from shared.config import KafkaSettings, PostgresSettings
 from shared.messaging.broker import make_broker
 from shared.messaging.dlq import DeadLetterMiddleware
-from shared.runtime import run, tune_gc
+from shared.runtime import run_service
 from shared.store.outbox import OutboxRelay
 from shared.store.pool import create_pool
 
@@ -163,21 +162,8 @@ async def _no_reset(_: object) -> None:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        tune_gc()
-        log.info("deposits service starting")
-        await run_deposits(KafkaSettings(client_id="harbour-deposits"), PostgresSettings(),
-                           DepositsSettings(), stop)
-        log.info("deposits service stopped")
-
-    run(serve())
+    run_service("deposits service", lambda stop: run_deposits(
+        KafkaSettings(client_id="harbour-deposits"), PostgresSettings(), DepositsSettings(), stop))
 
 
 if __name__ == "__main__":

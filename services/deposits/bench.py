@@ -32,9 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
 import random
-import signal
 import sys
 import tempfile
 import time
@@ -44,15 +42,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
 import typer
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
 from shared.benchkit import (
     LatencySummary,
+    ServiceProcess,
     admin_execute,
     delete_topics,
-    die_with_parent,
     summarize_ns,
 )
 from shared.events import deposits as ev
@@ -66,7 +63,6 @@ from .calendar import BusinessCalendar, CurrencyRules, DepositsConfig
 
 __all__ = ["DepositsBenchConfig", "DepositsBenchReport", "command", "render", "run_bench"]
 
-_REPO_ROOT = Path(__file__).resolve().parents[2]
 BANKS = ("BENCHAHK", "BENCHBHK")
 CURRENCY = "CNH"
 HOPS = 9
@@ -116,65 +112,6 @@ class DepositsBenchReport:
 # --- processes ---------------------------------------------------------------------------------
 
 
-class _Service:
-    """``python -m services.<name>.app`` with its own env; sampled for RSS."""
-
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name, self.env, self.log_path = name, env, log_path
-        self.proc: asyncio.subprocess.Process | None = None
-        self.ps: psutil.Process | None = None
-        self.peak_rss = 0
-        self._sampler: asyncio.Task[None] | None = None
-
-    async def start(self) -> None:
-        argv = ["-m", f"services.{self.name}.app"]
-        profile = os.environ.get(f"HARBOUR_BENCH_PROFILE_{self.name.upper()}")
-        if profile:  # cProfile output written when the service exits (SIGTERM)
-            argv = ["-m", "cProfile", "-o", profile, *argv]
-        with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, *argv, cwd=str(_REPO_ROOT),
-                env={**os.environ, **self.env}, stdin=asyncio.subprocess.DEVNULL, stdout=log,
-                stderr=log, start_new_session=True, preexec_fn=die_with_parent)
-        self.ps = psutil.Process(self.proc.pid)
-        self._sampler = asyncio.create_task(self._sample())
-
-    async def _sample(self) -> None:
-        while self.proc is not None and self.proc.returncode is None and self.ps is not None:
-            with contextlib.suppress(psutil.Error):
-                self.peak_rss = max(self.peak_rss, self.ps.memory_info().rss)
-            await asyncio.sleep(0.2)
-
-    def cpu_s(self) -> float:
-        with contextlib.suppress(psutil.Error):
-            if self.ps is not None:
-                t = self.ps.cpu_times()
-                return float(t.user + t.system)  # float ok: CPU seconds
-        return 0.0
-
-    def check(self) -> None:
-        if self.proc is not None and self.proc.returncode is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: "
-                               f"{self.tail()}")
-
-    def tail(self, lines: int = 20) -> str:
-        with contextlib.suppress(OSError):
-            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
-        return ""
-
-    async def stop(self) -> None:
-        if self._sampler is not None:
-            self._sampler.cancel()
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), 30)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
-
-
 # --- the events reader -------------------------------------------------------------------------
 
 
@@ -220,7 +157,7 @@ class Settled:
                 await self._task
 
     async def wait_count(self, name: str, count: int, stall_s: float,
-                         services: Sequence[_Service]) -> None:
+                         services: Sequence[ServiceProcess]) -> None:
         last, last_change = -1, time.monotonic()
         while self.counts.get(name, 0) < count:
             for s in services:
@@ -233,7 +170,7 @@ class Settled:
             await asyncio.sleep(0.05)
 
     async def wait_uetrs(self, uetrs: Sequence[str], stall_s: float,
-                         services: Sequence[_Service]) -> None:
+                         services: Sequence[ServiceProcess]) -> None:
         last, last_change = -1, time.monotonic()
         while True:
             missing = sum(1 for u in uetrs if u not in self.at)
@@ -350,11 +287,11 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
     workdir = Path(tempfile.mkdtemp(prefix="harbour-bench-deposits-"))
     base_env = {"HARBOUR_KAFKA_BOOTSTRAP": cfg.bootstrap, "HARBOUR_DATABASE_URL": db_url,
                 "PYTHONUNBUFFERED": "1"}
-    ledger = _Service("ledger", {**base_env,
+    ledger = ServiceProcess("ledger", {**base_env,
                                  "HARBOUR_LEDGER_COMMANDS_TOPIC": topics["ledger"].name,
                                  "HARBOUR_LEDGER_GROUP_ID": ledger_group},
                       workdir / "ledger.log")
-    deposits = _Service("deposits", {
+    deposits = ServiceProcess("deposits", {
         **base_env,
         "HARBOUR_DEPOSITS_COMMANDS_TOPIC": topics["commands"].name,
         "HARBOUR_DEPOSITS_EVENTS_TOPIC": topics["events"].name,
@@ -441,7 +378,7 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
 
 
 async def _setup(cfg: DepositsBenchConfig, producer: AIOKafkaProducer, topic: str,
-                 settled: Settled, services: Sequence[_Service]) -> None:
+                 settled: Settled, services: Sequence[ServiceProcess]) -> None:
     async def send(items: list[tuple[str, bytes]]) -> None:
         await _publish(producer, topic, items)
 

@@ -7,10 +7,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import os
-import signal
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -21,7 +18,7 @@ import psutil
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 from aiokafka.admin import AIOKafkaAdminClient
 
-from shared.benchkit import admin_execute
+from shared.benchkit import ServiceProcess, admin_execute
 from shared.events import deposits as ev
 from shared.events.envelope import encode, new_envelope
 from shared.events.registry import Payload
@@ -33,7 +30,6 @@ from . import repository as repo
 from .auth import Role
 from .bench import BANKS, CURRENCY, GatewayBenchConfig
 
-_REPO = Path(__file__).resolve().parents[2]
 _FINAL = (b"TransferSettled", b"TransferFailed", b"TransferRejected", b"TransferExpired",
           b"TransferCancelled")
 # CNH in tokenised central-bank money, 24/7: the interbank leg settles on Harbour, no agent.
@@ -41,48 +37,6 @@ _DEPOSITS_CONFIG = json.dumps({"currencies": {CURRENCY: {
     "currency": CURRENCY, "scale": 2, "settlement_mode": "wcbdc",
     "settlement_asset": "WCBDC.CNH", "calendar": {"timezone": "Asia/Hong_Kong"},
     "window": None}}})
-
-
-class Service:
-    """``python -m services.<name>.app`` with its own environment and log."""
-
-    def __init__(self, name: str, env: dict[str, str], log_path: Path) -> None:
-        self.name, self.env, self.log_path = name, env, log_path
-        self.proc: asyncio.subprocess.Process | None = None
-
-    async def start(self) -> None:
-        with self.log_path.open("ab") as log:
-            self.proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", f"services.{self.name}.app", cwd=str(_REPO),
-                env={**os.environ, **self.env, "PYTHONUNBUFFERED": "1"},
-                stdin=asyncio.subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True)
-
-    def cpu_s(self) -> float:
-        with contextlib.suppress(psutil.Error, AttributeError):
-            t = psutil.Process(self.proc.pid).cpu_times()  # type: ignore[union-attr]
-            return float(t.user + t.system)  # float ok: CPU seconds
-        return 0.0
-
-    def check(self) -> None:
-        if self.proc is not None and self.proc.returncode is not None:
-            raise RuntimeError(f"{self.name} exited with {self.proc.returncode}")
-
-    def tail(self, lines: int = 15) -> str:
-        with contextlib.suppress(OSError):
-            text = self.log_path.read_text(errors="replace").splitlines()[-lines:]
-            return f"{self.name} log tail:\n" + "\n".join(text)
-        return ""
-
-    async def stop(self) -> None:
-        if self.proc is None or self.proc.returncode is not None:
-            return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            await asyncio.wait_for(self.proc.wait(), 30)
-        except TimeoutError:
-            self.proc.kill()
-            await self.proc.wait()
 
 
 class Events:
@@ -175,16 +129,16 @@ class BenchStack:
         self.specs = [*self.topics.values(), TopicSpec(dlq_topic(group), 1),
                       TopicSpec(dlq_topic(ledger_group), 1)]
         base = {"HARBOUR_KAFKA_BOOTSTRAP": cfg.bootstrap, "HARBOUR_DATABASE_URL": self.db_url}
-        self.gateway = Service("gateway", {
+        self.gateway = ServiceProcess("gateway", {
             **base, "HARBOUR_GATEWAY_PORT": str(self.port),
             "HARBOUR_GATEWAY_COMMANDS_TOPIC": self.topics["commands"].name,
             "HARBOUR_GATEWAY_RATE_PER_S": "1000000", "HARBOUR_GATEWAY_RATE_BURST": "1000000"},
             workdir / "gateway.log")
-        ledger = Service("ledger", {**base,
+        ledger = ServiceProcess("ledger", {**base,
                                     "HARBOUR_LEDGER_COMMANDS_TOPIC": self.topics["ledger"].name,
                                     "HARBOUR_LEDGER_GROUP_ID": ledger_group},
                          workdir / "ledger.log")
-        deposits = Service("deposits", {
+        deposits = ServiceProcess("deposits", {
             **base, "HARBOUR_DEPOSITS_COMMANDS_TOPIC": self.topics["commands"].name,
             "HARBOUR_DEPOSITS_EVENTS_TOPIC": self.topics["events"].name,
             "HARBOUR_DEPOSITS_LEDGER_COMMANDS_TOPIC": self.topics["ledger"].name,
@@ -278,7 +232,7 @@ class BenchStack:
         return out
 
     def tails(self) -> list[str]:
-        return [s.tail() for s in self.services]
+        return [f"{s.name} log tail:\n{s.tail(15)}" for s in self.services]
 
     async def stop(self) -> None:
         await self.events.stop()

@@ -19,7 +19,7 @@ import subprocess
 import asyncpg
 
 from shared.config import KafkaSettings, PostgresSettings
-from shared.runtime import run, tune_gc
+from shared.runtime import run_service
 from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
@@ -92,19 +92,8 @@ async def _keep_relay_running(children: list[subprocess.Popen[bytes]], stop: asy
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        tune_gc()
-        log.info("ledger writer starting")
-        await run_ledger(KafkaSettings(), PostgresSettings(), LedgerSettings(), stop)
-        log.info("ledger writer stopped")
-
-    run(serve())
+    run_service("ledger writer", lambda stop: run_ledger(
+        KafkaSettings(), PostgresSettings(), LedgerSettings(), stop))
 
 
 if __name__ == "__main__":

@@ -9,32 +9,20 @@ second one is a hot standby, and running it in or out of the writer's process is
 from __future__ import annotations
 
 import asyncio
-import ctypes
-import logging
-import signal
 import subprocess
 import sys
 
 from shared.config import KafkaSettings, PostgresSettings
-from shared.runtime import run, tune_gc
+from shared.runtime import die_with_parent, run_service
 from shared.store.outbox import OutboxRelay
 
 from .settings import ANSWERS_RETENTION, LedgerSettings
-
-log = logging.getLogger("harbour.ledger.relay")
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    # A relay orphaned by a SIGKILLed writer would hold the advisory lock; let the kernel end it.
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
 def spawn_child() -> subprocess.Popen[bytes]:
     """Start the relay as a child that dies with this process (Linux)."""
     return subprocess.Popen(
-        [sys.executable, "-m", "services.ledger.relay"], preexec_fn=_die_with_parent,
+        [sys.executable, "-m", "services.ledger.relay"], preexec_fn=die_with_parent,
     )
 
 
@@ -50,17 +38,8 @@ async def run_relay(kafka: KafkaSettings, postgres: PostgresSettings, settings: 
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
-    stop = asyncio.Event()
-
-    async def serve() -> None:
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
-        tune_gc()
-        await run_relay(KafkaSettings(), PostgresSettings(), LedgerSettings(), stop)
-
-    run(serve())
+    run_service("ledger relay", lambda stop: run_relay(
+        KafkaSettings(), PostgresSettings(), LedgerSettings(), stop))
 
 
 if __name__ == "__main__":

@@ -78,7 +78,6 @@ class _Batch:
     touched_pendings: set[str] = field(default_factory=set)
     touched_groups: set[str] = field(default_factory=set)  # sealed by commit/void group
     stored_places: dict[str, ChainPlace] = field(default_factory=dict)
-    locked_accounts: set[str] = field(default_factory=set)  # balance rows loaded FOR UPDATE
 
 
 class LedgerWriter:
@@ -120,13 +119,14 @@ class LedgerWriter:
             batch = _Batch(heads=heads)
             incoming = [(r, x) for r, x in fresh if isinstance(x, Incoming)]
             state = await self._load(conn, [x.command for _, x in incoming], batch)
+            locked = set(state.accounts)  # the balance rows loaded FOR UPDATE, before any open
             now = self.clock.now()
             applied = [(r, x, state.apply(x.command, now)) for r, x in incoming]
             # PostgreSQL updates the balances (rows locked above) while this process journals
             # the batch and writes its answers: the two no longer wait for each other. Accounts
             # this batch opens have no balance row yet; theirs follow the account rows.
             deltas = d.net_deltas(res for _, _, res in applied)
-            opened = {a: deltas.pop(a) for a in list(deltas) if a not in batch.locked_accounts}
+            opened = {a: deltas.pop(a) for a in list(deltas) if a not in locked}
             balances = asyncio.create_task(repo.apply_balance_deltas(conn, deltas))
             await asyncio.sleep(0)  # the UPDATE goes on the wire
             try:
@@ -218,7 +218,6 @@ class LedgerWriter:
             touched |= d.accounts_touched(c, state)
         for account in await repo.load_accounts(conn, touched):
             state.load_account(account)
-            batch.locked_accounts.add(account.id)
         return state
 
     async def _load_pendings(

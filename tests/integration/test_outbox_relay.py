@@ -428,8 +428,12 @@ async def test_relay_recovers_when_postgres_drops_its_session(
     assert len(received) - 2000 <= 50  # no more than one batch again
 
 
-async def test_the_publishing_relay_deletes_sent_rows_after_their_retention(
-    db_url: str, kafka_bootstrap: str, new_topic: NewTopic
+@pytest.mark.parametrize(("retention", "purged"), [
+    (timedelta(milliseconds=1), 600),  # sent, then deleted by the purge rounds
+    (timedelta(0), 0),  # deleted as soon as Kafka has it: nothing left to purge
+], ids=["purged-after-retention", "deleted-when-sent"])
+async def test_the_publishing_relay_deletes_sent_rows(
+    db_url: str, kafka_bootstrap: str, new_topic: NewTopic, retention: timedelta, purged: int
 ) -> None:
     """The outbox is a transport buffer: sent rows go after ``retention``, unsent ones never."""
     topic = await new_topic("outbox-purge", partitions=2)
@@ -438,36 +442,13 @@ async def test_the_publishing_relay_deletes_sent_rows_after_their_retention(
     try:
         outbox = await make_store(pool, "relay_purge")
         relay = OutboxRelay(db_url, "relay_purge", kafka_bootstrap, batch_size=100,
-                            poll_interval_s=0.1, retention=timedelta(milliseconds=1),
-                            purge_every_s=0.1)
+                            poll_interval_s=0.1, retention=retention, purge_every_s=0.1)
         async with running(relay):
             await write_keys(pool, outbox, ledger, ["p", "q"], 600, seed=11)
-            await wait_for(lambda: relay.stats.published >= 600, 30, "the relay to publish")
-
-            await wait_for(lambda: relay.stats.purged >= 600, 30, "the relay to purge")
-            assert relay.stats.purged == 600
+            await wait_for(lambda: relay.stats.published >= 600 and relay.stats.purged >= purged,
+                           30, "the relay to publish and purge")
+            assert relay.stats.purged == purged
             assert await pool.fetchval("SELECT count(*) FROM relay_purge.outbox") == 0
-    finally:
-        await pool.close()
-    received = await consume(kafka_bootstrap, topic, timeout_s=30, until=lambda g: len(g) >= 600)
-    assert_delivered(ledger, received, exactly_once=True)
-
-
-async def test_retention_zero_deletes_each_row_once_kafka_has_it(
-    db_url: str, kafka_bootstrap: str, new_topic: NewTopic
-) -> None:
-    topic = await new_topic("outbox-delete", partitions=2)
-    ledger = Ledger(topic)
-    pool = await create_pool(db_url, min_size=1, max_size=4)
-    try:
-        outbox = await make_store(pool, "relay_delete")
-        relay = OutboxRelay(db_url, "relay_delete", kafka_bootstrap, batch_size=100,
-                            poll_interval_s=0.1, retention=timedelta(0))
-        async with running(relay):
-            await write_keys(pool, outbox, ledger, ["d", "e"], 600, seed=12)
-            await wait_for(lambda: relay.stats.published >= 600, 30, "the relay to publish")
-            assert await pool.fetchval("SELECT count(*) FROM relay_delete.outbox") == 0
-            assert relay.stats.purged == 0  # deleted as sent, nothing left to purge
     finally:
         await pool.close()
     received = await consume(kafka_bootstrap, topic, timeout_s=30, until=lambda g: len(g) >= 600)
