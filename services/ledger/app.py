@@ -40,6 +40,7 @@ async def run_ledger(
         min_size=2,
         max_size=settings.pool_size,
         server_settings={"application_name": "harbour-ledger"},
+        reset=_end_transaction_only,
     )
     assert pool is not None
     ledger = LedgerWriter(pool, topic=settings.commands_topic, group_id=settings.group_id)
@@ -56,9 +57,11 @@ async def run_ledger(
     if settings.relay_process:
         tasks.append(asyncio.create_task(_keep_relay_running(children, stop), name="relay-child"))
     else:
-        relay = OutboxRelay(pool, "ledger", kafka.kafka_bootstrap,
+        # Its own connection, not the pool's: it holds an advisory lock and LISTENs, session
+        # state that this pool does not reset (see _end_transaction_only).
+        relay = OutboxRelay(postgres.database_url, "ledger", kafka.kafka_bootstrap,
                             batch_size=settings.relay_batch, poll_interval_s=0.5,
-                        retention=ANSWERS_RETENTION)
+                            retention=ANSWERS_RETENTION)
         tasks.append(asyncio.create_task(relay.run(), name="ledger-relay"))
     try:
         stopped = asyncio.create_task(stop.wait())
@@ -78,6 +81,14 @@ async def run_ledger(
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(task, timeout=15)
         await pool.close()
+
+
+async def _end_transaction_only(conn: asyncpg.Connection) -> None:
+    """Pool reset for the writer's connections. asyncpg's default runs ``RESET ALL``, ``UNLISTEN
+    *`` and unlocks advisory locks on every release: one more round trip per batch, and the
+    writer sets none of those. What it must never hand on is an open transaction."""
+    if conn.is_in_transaction():
+        await conn.execute("ROLLBACK")
 
 
 async def _keep_relay_running(children: list[subprocess.Popen[bytes]], stop: asyncio.Event) -> None:

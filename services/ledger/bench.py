@@ -149,9 +149,8 @@ class LatencyFigures:
     rejected: int = 0
     latency: LatencySummary | None = None
     # Where the time goes, per posting, from the bench's clock, the database's timestamps
-    # (results.recorded_at: the writer's clock once the batch's rows are loaded and locked;
-    # outbox.created_at: the result row inserted, near the end of the transaction) and the
-    # result record's CreateTime (the relay's send). Same host, so one wall clock.
+    # (results.recorded_at: the writer's clock once the batch's rows are loaded and locked) and
+    # the result record's CreateTime (the relay's send). Same host, so one wall clock.
     stages: dict[str, LatencySummary] = field(default_factory=dict)
     max_send_lag_ms: float = 0.0  # how far the pacing loop fell behind its schedule
     achieved_per_s: float = 0.0
@@ -695,10 +694,7 @@ async def run_throughput(label: str, prefix: str, accounts: Sequence[str],
     return figures
 
 
-_STAGES_SQL = """
-SELECT r.command_id, r.recorded_at, o.created_at
-FROM ledger.results r JOIN ledger.outbox o ON o.key = convert_to(r.command_id, 'UTF8')
-WHERE r.command_id LIKE $1"""
+_STAGES_SQL = "SELECT command_id, recorded_at FROM ledger.results WHERE command_id LIKE $1"
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
@@ -708,26 +704,26 @@ def _epoch_ns(value: datetime) -> int:
 
 async def stage_breakdown(pool: asyncpg.Pool, prefix: str, phase: Phase, schedule: Sequence[int],
                           wall_minus_mono_ns: int) -> dict[str, LatencySummary]:
-    """Per-stage latency summaries of one latency phase (see ``LatencyFigures.stages``)."""
+    """Per-stage latency summaries of one latency phase (see ``LatencyFigures.stages``): the
+    result row's ``recorded_at`` is when the writer applied the command, the answer's Kafka
+    timestamp when the relay sent it. (The outbox row is deleted once sent, so it cannot say.)"""
     rows = await pool.fetch(_STAGES_SQL, prefix + "-%")
     stages: dict[str, list[int]] = {
         "1 scheduled -> writer applies (Kafka in, wait for batch, decode, locks/loads)": [],
-        "2 writer applies -> result row inserted (domain, journal, balances)": [],
-        "3 result row inserted -> relay sends (rest of txn, commit, relay pickup)": [],
-        "4 relay sends -> result consumed (Kafka out)": [],
+        "2 writer applies -> relay sends (journal, commit, relay pickup)": [],
+        "3 relay sends -> result consumed (Kafka out)": [],
     }
-    s1, s2, s3, s4 = stages.values()
+    s1, s2, s3 = stages.values()
     for r in rows:
         i = phase.index.get(r["command_id"].encode())
         if i is None or not phase.recv_ns[i]:
             continue
         scheduled = schedule[i] + wall_minus_mono_ns
-        applied, inserted = _epoch_ns(r["recorded_at"]), _epoch_ns(r["created_at"])
+        applied = _epoch_ns(r["recorded_at"])
         sent, consumed = phase.created_ms[i] * 1_000_000, phase.recv_ns[i] + wall_minus_mono_ns
         s1.append(applied - scheduled)
-        s2.append(inserted - applied)
-        s3.append(max(0, sent - inserted))
-        s4.append(max(0, consumed - sent))
+        s2.append(max(0, sent - applied))
+        s3.append(max(0, consumed - sent))
     return {k: v for k, v in ((k, summarize_ns(v)) for k, v in stages.items()) if v is not None}
 
 
