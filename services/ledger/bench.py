@@ -68,7 +68,6 @@ from shared.events.registry import Payload
 from shared.events.topics import TopicSpec, dlq_topic
 from shared.money import format_amount
 from shared.runtime import tune_gc
-from shared.store.outbox import Outbox, OutboxMessage
 
 from . import domain as d
 from . import repository as repo
@@ -150,7 +149,7 @@ class LatencyFigures:
     latency: LatencySummary | None = None
     # Where the time goes, per posting, from the bench's clock, the database's timestamps
     # (results.recorded_at: the writer's clock once the batch's rows are loaded and locked) and
-    # the result record's CreateTime (the relay's send). Same host, so one wall clock.
+    # the result record's CreateTime (the writer's send). Same host, so one wall clock.
     stages: dict[str, LatencySummary] = field(default_factory=dict)
     max_send_lag_ms: float = 0.0  # how far the pacing loop fell behind its schedule
     achieved_per_s: float = 0.0
@@ -706,12 +705,12 @@ async def stage_breakdown(pool: asyncpg.Pool, prefix: str, phase: Phase, schedul
                           wall_minus_mono_ns: int) -> dict[str, LatencySummary]:
     """Per-stage latency summaries of one latency phase (see ``LatencyFigures.stages``): the
     result row's ``recorded_at`` is when the writer applied the command, the answer's Kafka
-    timestamp when the relay sent it. (The outbox row is deleted once sent, so it cannot say.)"""
+    timestamp when the writer sent it."""
     rows = await pool.fetch(_STAGES_SQL, prefix + "-%")
     stages: dict[str, list[int]] = {
         "1 scheduled -> writer applies (Kafka in, wait for batch, decode, locks/loads)": [],
-        "2 writer applies -> relay sends (journal, commit, relay pickup)": [],
-        "3 relay sends -> result consumed (Kafka out)": [],
+        "2 writer applies -> answer sent (journal, commit, publish)": [],
+        "3 answer sent -> result consumed (Kafka out)": [],
     }
     s1, s2, s3 = stages.values()
     for r in rows:
@@ -801,7 +800,6 @@ class _CeilingBatch:
     postings: list[tuple[Any, ...]]
     entries: list[tuple[Any, ...]]
     results: list[tuple[Any, ...]]
-    outbox: list[OutboxMessage]
     deltas: dict[str, d.BalanceDelta]
     heads: dict[int, tuple[int, bytes]]
     first_offsets: dict[int, int]
@@ -809,23 +807,17 @@ class _CeilingBatch:
 
     @property
     def rows(self) -> int:
-        return (len(self.postings) + len(self.entries) + len(self.results) + len(self.outbox)
-                + len(self.deltas))
+        return (len(self.postings) + len(self.entries) + len(self.results) + len(self.deltas))
 
 
 def _ceiling_batches(prefix: str, transfers: Sequence[Transfer], batch_size: int,
-                     sequences: dict[int, int], offsets: dict[int, int], reply_to: str
+                     sequences: dict[int, int], offsets: dict[int, int]
                      ) -> list[_CeilingBatch]:
     """The rows the writer would write for ``transfers``, cut into writer-sized batches."""
     now = datetime.now(UTC)
-    # A result envelope of the real size; the database does not care what is inside.
-    sample = encode(new_envelope(
-        wire.PostingAccepted(command_id="x" * 14, command_type="post", posting_id="x" * 14,
-                             partition=0, sequence=1, hash="ab" * 32),
-        producer="harbour.ledger", participant=PARTICIPANT))
     batches = []
     for start in range(0, len(transfers), batch_size):
-        b = _CeilingBatch([], [], [], [], [], {}, {}, {}, {})
+        b = _CeilingBatch([], [], [], [], {}, {}, {}, {})
         deltas: dict[str, list[int]] = {}
         for t in transfers[start:start + batch_size]:
             pid = f"{prefix}-{t.posting_id}"
@@ -842,9 +834,7 @@ def _ceiling_batches(prefix: str, transfers: Sequence[Transfer], batch_size: int
             b.entries.append((pid, 0, t.debit, ASSET, "D", "posted", t.amount_minor))
             b.entries.append((pid, 1, t.credit, ASSET, "C", "posted", t.amount_minor))
             b.results.append((pid, random.randbytes(32), "post", True, None, None, pid, partition,
-                              seq, digest, now))
-            b.outbox.append(OutboxMessage(reply_to, pid.encode(), sample,
-                                          {"type": "PostingAccepted"}))
+                              seq, digest, now, partition, offset))
             deltas.setdefault(t.debit, [0, 0])[0] += t.amount_minor
             deltas.setdefault(t.credit, [0, 0])[1] += t.amount_minor
         b.deltas = {a: d.BalanceDelta(a, dp, cp) for a, (dp, cp) in sorted(deltas.items())}
@@ -852,19 +842,17 @@ def _ceiling_batches(prefix: str, transfers: Sequence[Transfer], batch_size: int
     return batches
 
 
-async def _write_rows(conn: asyncpg.Connection, b: _CeilingBatch, outbox: Outbox) -> None:
+async def _write_rows(conn: asyncpg.Connection, b: _CeilingBatch) -> None:
     await repo.copy_journal(conn, b.postings, b.entries, b.results)
     await repo.apply_balance_deltas(conn, b.deltas)
-    await outbox.add_many(conn, b.outbox)
 
 
-async def _writer_sql(conn: asyncpg.Connection, b: _CeilingBatch, outbox: Outbox, topic: str
-                      ) -> None:
+async def _writer_sql(conn: asyncpg.Connection, b: _CeilingBatch, topic: str) -> None:
     """The writer's statement sequence for a batch of plain postings, without Kafka or domain."""
     await repo.lock_offsets(conn, topic, b.first_offsets)  # also reads the chain heads
     await repo.load_results(conn, b.ids)
     await repo.load_accounts(conn, b.deltas)
-    await _write_rows(conn, b, outbox)
+    await _write_rows(conn, b)
     await repo.save_progress(conn, topic, b.next_offsets, b.heads)
 
 
@@ -875,21 +863,18 @@ async def run_ceiling(url: str, accounts: Sequence[str], transfers: Sequence[Tra
         await _seed_ceiling_db(conn, accounts)
         sequences: dict[int, int] = {}
         offsets: dict[int, int] = {}
-        outbox = Outbox("ledger")
         kinds: list[tuple[str, str, Callable[[_CeilingBatch], Awaitable[None]]]] = [
-            ("raw rows", "COPY postings/entries/results, outbox INSERT..unnest, balances "
-             "UPDATE..unnest", lambda b: _write_rows(conn, b, outbox)),
+            ("raw rows", "COPY postings/entries/results, balances UPDATE..unnest (answers go "
+             "to Kafka, not to a table)", lambda b: _write_rows(conn, b)),
             ("writer SQL replay", "the above + offset lock, asset/result/account loads "
-             "FOR UPDATE, chain heads, offsets", lambda b: _writer_sql(conn, b, outbox, "raw")),
+             "FOR UPDATE, chain heads, offsets", lambda b: _writer_sql(conn, b, "raw")),
         ]
         # One untimed batch first, so neither variant pays for a cold cache alone.
-        for b in _ceiling_batches("warm", transfers[:batch_size], batch_size, sequences, offsets,
-                                  ctx.results_topic):
+        for b in _ceiling_batches("warm", transfers[:batch_size], batch_size, sequences, offsets):
             async with conn.transaction():
-                await _writer_sql(conn, b, outbox, "raw")
+                await _writer_sql(conn, b, "raw")
         for n, (label, includes, write) in enumerate(kinds):
-            batches = _ceiling_batches(f"raw{n}", transfers, batch_size, sequences, offsets,
-                                       ctx.results_topic)
+            batches = _ceiling_batches(f"raw{n}", transfers, batch_size, sequences, offsets)
             ctx.say(f"ceiling ({label}): {len(transfers):,} postings in {len(batches)} "
                     f"transactions of {batch_size}")
             start = time.monotonic_ns()

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _esc
 from typing import Any
+from uuid import UUID
 
 from shared.errors import ValidationError
 from shared.events import ledger as wire
@@ -190,8 +191,12 @@ def result_message(
     incoming: Incoming,
     place: ChainPlace | None,
     now: datetime | None = None,
+    event_id: UUID | None = None,
 ) -> OutboxMessage:
     """The PostingAccepted/PostingRejected envelope for one result, bound for the reply topic.
+
+    ``event_id``: the answer's id; the writer derives it from the record answered, so an answer
+    sent again after a crash carries the same id and consumers' inboxes drop the copy.
 
     Assembled as JSON text rather than through the pydantic models: the writer makes one per
     command on its hot path and produces every field itself. Tests decode these messages with
@@ -218,12 +223,13 @@ def result_message(
         )
     source = incoming.envelope
     stamp = _stamp(now or datetime.now(UTC))
-    event_id = '"' + str(new_id()) + '"'
+    event_id_json = '"' + str(event_id or new_id()) + '"'
     envelope = (
-        '{"event_id":' + event_id + ',"type":"' + type_name + '","schema_version":1'
+        '{"event_id":' + event_id_json + ',"type":"' + type_name + '","schema_version":1'
         + ',"occurred_at":' + stamp + ',"recorded_at":' + stamp
         + ',"producer":"' + PRODUCER + '"'
-        + ',"correlation_id":' + ('"' + str(source.correlation_id) + '"' if source else event_id)
+        + ',"correlation_id":'
+        + ('"' + str(source.correlation_id) + '"' if source else event_id_json)
         + ',"causation_id":' + ('"' + str(source.event_id) + '"' if source else "null")
         + ',"participant":' + (_esc(source.participant) if source else '"unknown"')
         + ',"payload":' + payload + ',"reply_to":null}'

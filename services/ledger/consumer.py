@@ -5,7 +5,9 @@ are stored in PostgreSQL with the effects, and on every assignment the consumer 
 (FastStream's batch acknowledgement would commit to Kafka, which is not the source of truth here).
 Kafka commits still happen after each batch so that lag tools show the truth, but nothing depends
 on them. Expired pendings are released by the same loop for the partitions it owns, so each
-partition's hash chain has exactly one writer at a time.
+partition's hash chain has exactly one writer at a time. Each committed batch's answers go to
+Kafka from here too (``answers.py``), and the loop seeks back to the stored answered watermark
+whenever one may be missing.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
 from . import repository as repo
+from .answers import AnswerPublisher
 from .writer import LedgerWriter, OffsetGapError, Record
 
 log = logging.getLogger(__name__)
@@ -76,7 +79,10 @@ class _SeekToStored(ConsumerRebalanceListener):
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        return None  # progress is committed with every batch; nothing to flush
+        # Progress is committed with every batch. What may lag is the answered watermark: store
+        # it, so the next owner answers again as little as possible (never less than needed).
+        await self._loop.answers.drain()
+        await self._loop.save_answered()
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
         await self._loop.seek_to_stored(list(assigned))
@@ -115,6 +121,7 @@ class WriterLoop:
             max_poll_interval_ms=300_000,
             session_timeout_ms=10_000,
         )
+        self.answers = AnswerPublisher(bootstrap)
         self.applied = 0
         self._pending_commit: dict[TopicPartition, int] = {}
         self._commit_task: asyncio.Task[None] | None = None
@@ -131,6 +138,7 @@ class WriterLoop:
 
     async def run(self) -> None:
         self.consumer.subscribe([self._topic], listener=_SeekToStored(self))
+        await self.answers.start()
         await self.consumer.start()
         next_expiry = 0.0
         # One batch in flight. Right after it goes to PostgreSQL (on the other core) the loop
@@ -143,9 +151,16 @@ class WriterLoop:
         staged = _Staged()
         try:
             while not self._stopping.is_set():
+                if inflight is None and self.answers.failed is not None:
+                    # Answers of a committed batch did not reach Kafka: read again from the
+                    # stored watermarks, which answers everything after them again.
+                    self.answers.reset_failure()
+                    await self.seek_to_stored(list(self.consumer.assignment()))
+                    staged = _Staged()
                 idle = inflight is None and not staged.size
                 if idle:
                     self._commit_to_kafka(force=True)
+                    await self.save_answered()
                 await self._stage(staged, timeout_ms=_POLL_IDLE_MS if idle else 0)
                 if inflight is not None:
                     ok, inflight = await inflight, None
@@ -156,7 +171,7 @@ class WriterLoop:
                         staged = _Staged()
                         continue
                     await self._stage(staged, timeout_ms=0)  # what arrived meanwhile
-                if staged.size:
+                if staged.size and self.answers.failed is None:
                     inflight = asyncio.create_task(self._apply(*staged.take()))
                     staged = _Staged()
                 now = asyncio.get_running_loop().time()
@@ -167,6 +182,8 @@ class WriterLoop:
             if inflight is not None:
                 with contextlib.suppress(Exception):
                     await inflight
+            await self.answers.stop()
+            await self.save_answered()
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
 
@@ -188,8 +205,9 @@ class WriterLoop:
     async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]],
                      records: list[Record], prepared: list[Any]) -> bool:
         """Apply one batch; on failure re-seek to the stored offsets and return False."""
+        answered = self.answers.unsaved({r.partition for r in records})
         try:
-            report = await self._writer.apply_batch(records, prepared)
+            report = await self._writer.apply_batch(records, prepared, answered)
         except OffsetGapError as gap:
             log.warning("re-seeking: %s", gap)
             await self.seek_to_stored(list(batch))
@@ -216,10 +234,26 @@ class WriterLoop:
             await asyncio.sleep(1.0)
             await self.seek_to_stored(list(batch))
             return False
+        self.answers.saved(answered)
+        self.answers.publish(report.answers, report.answered_to)
         self.applied += report.applied
         self._pending_commit.update({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
         self._commit_to_kafka(force=False)
         return True
+
+    async def save_answered(self) -> None:
+        """Store how far answers are acknowledged while no batch is doing it (idle, stopping),
+        so that a restart answers as little as possible again."""
+        unsaved = self.answers.unsaved()
+        if not unsaved:
+            return
+        try:
+            async with self._pool.acquire() as conn:
+                await repo.save_answered(conn, self._topic, unsaved)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.info("answered watermark not saved (next time): %r", exc)
+            return
+        self.answers.saved(unsaved)
 
     def _commit_to_kafka(self, *, force: bool) -> None:
         """Kafka offsets are informational (lag tools); PostgreSQL holds the truth. So commit in

@@ -40,17 +40,26 @@ def entry_from_row(row: asyncpg.Record) -> d.Entry:
 Heads = dict[int, tuple[int, bytes]]
 
 _LOCK_PROGRESS = """
-SELECT c.partition, c.next_offset, h.sequence, h.hash
+SELECT c.partition, c.next_offset, coalesce(c.answered_offset, c.next_offset) AS answered,
+       h.sequence, h.hash
 FROM ledger.consumed_offsets c LEFT JOIN ledger.chain_heads h ON h.partition = c.partition
 WHERE c.topic = $1 AND c.partition = ANY($2::int[])
 ORDER BY c.partition FOR UPDATE OF c
 """
 
 
-async def lock_offsets(
-    conn: asyncpg.Connection, topic: str, first: dict[int, int]
-) -> tuple[dict[int, int], Heads]:
-    """Lock the stored next offsets of ``first``'s partitions; return them with the chain heads.
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Where the ledger is on some partitions: the next record to apply, the first record whose
+    answer Kafka may not have acknowledged (``answered <= next``), and the chain heads."""
+
+    next: dict[int, int]
+    answered: dict[int, int]
+    heads: Heads
+
+
+async def lock_offsets(conn: asyncpg.Connection, topic: str, first: dict[int, int]) -> Progress:
+    """Lock the stored progress of ``first``'s partitions and return it.
 
     The lock fences a writer that lost its partitions in a rebalance: it waits here for the new
     owner's transaction and then sees that the records were applied already. It also makes the
@@ -61,43 +70,78 @@ async def lock_offsets(
     rows = await conn.fetch(_LOCK_PROGRESS, topic, partitions)
     if len(rows) < len(partitions):
         await conn.execute(
-            """INSERT INTO ledger.consumed_offsets (topic, partition, next_offset)
-               SELECT $1, p, o FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
+            """INSERT INTO ledger.consumed_offsets (topic, partition, next_offset, answered_offset)
+               SELECT $1, p, o, o FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
                ON CONFLICT DO NOTHING""",
             topic, partitions, [first[p] for p in partitions],
         )
         rows = await conn.fetch(_LOCK_PROGRESS, topic, partitions)
-    offsets = {r["partition"]: r["next_offset"] for r in rows}
-    heads = {r["partition"]: (r["sequence"], bytes(r["hash"])) for r in rows
-             if r["sequence"] is not None}
-    return offsets, heads
+    return Progress(
+        {r["partition"]: r["next_offset"] for r in rows},
+        {r["partition"]: r["answered"] for r in rows},
+        {r["partition"]: (r["sequence"], bytes(r["hash"])) for r in rows
+         if r["sequence"] is not None},
+    )
 
 
 async def save_progress(conn: asyncpg.Connection, topic: str, next_offsets: dict[int, int],
-                        heads: Heads) -> None:
-    """Store the next offsets and the chain heads in one round trip."""
-    partitions = sorted(next_offsets)
+                        heads: Heads, answered: dict[int, int] | None = None) -> None:
+    """Store the next offsets, the answered watermarks and the chain heads in one round trip.
+
+    A watermark only moves forward and never past the next offset. The caller holds the rows'
+    locks (the fence), so no other writer's progress is touched here.
+    """
+    answered = answered or {}
+    partitions = sorted(next_offsets.keys() | answered.keys())
     chains = sorted(heads)
     await conn.execute(
         """WITH progress AS (
-               UPDATE ledger.consumed_offsets c SET next_offset = t.o
-               FROM unnest($2::int[], $3::bigint[]) AS t(p, o)
+               UPDATE ledger.consumed_offsets c
+               SET next_offset = coalesce(t.o, c.next_offset),
+                   answered_offset = least(greatest(coalesce(c.answered_offset, c.next_offset),
+                                                    t.a),
+                                           coalesce(t.o, c.next_offset))
+               FROM unnest($2::int[], $3::bigint[], $7::bigint[]) AS t(p, o, a)
                WHERE c.topic = $1 AND c.partition = t.p
            )
            INSERT INTO ledger.chain_heads (partition, sequence, hash)
            SELECT * FROM unnest($4::int[], $5::bigint[], $6::bytea[])
            ON CONFLICT (partition)
            DO UPDATE SET sequence = EXCLUDED.sequence, hash = EXCLUDED.hash""",
-        topic, partitions, [next_offsets[p] for p in partitions],
+        topic, partitions, [next_offsets.get(p) for p in partitions],
         chains, [heads[p][0] for p in chains], [heads[p][1] for p in chains],
+        [answered.get(p) for p in partitions],
+    )
+
+
+async def save_answered(conn: asyncpg.Connection, topic: str, answered: dict[int, int]) -> None:
+    """Move the answered watermarks forward outside a batch (an idle writer, or one stopping).
+    Rows are locked in partition order, as the fence takes them, so this cannot deadlock with a
+    batch of another writer."""
+    if not answered:
+        return
+    partitions = sorted(answered)
+    await conn.execute(
+        """UPDATE ledger.consumed_offsets c
+           SET answered_offset = least(greatest(coalesce(c.answered_offset, c.next_offset), t.a),
+                                       c.next_offset)
+           FROM unnest($2::int[], $3::bigint[]) AS t(p, a),
+                (SELECT partition FROM ledger.consumed_offsets
+                 WHERE topic = $1 AND partition = ANY($2::int[])
+                 ORDER BY partition FOR UPDATE) AS locked
+           WHERE c.topic = $1 AND c.partition = t.p AND locked.partition = t.p""",
+        topic, partitions, [answered[p] for p in partitions],
     )
 
 
 async def stored_offsets(conn: asyncpg.Connection, topic: str) -> dict[int, int]:
+    """Where a writer that takes over a partition starts reading: the first record whose answer
+    may not have reached Kafka (the records from there to the next offset are answered again)."""
     rows = await conn.fetch(
-        "SELECT partition, next_offset FROM ledger.consumed_offsets WHERE topic = $1", topic
+        """SELECT partition, coalesce(answered_offset, next_offset) AS start
+           FROM ledger.consumed_offsets WHERE topic = $1""", topic
     )
-    return {r["partition"]: r["next_offset"] for r in rows}
+    return {r["partition"]: r["start"] for r in rows}
 
 
 @dataclass(frozen=True, slots=True)
@@ -106,12 +150,13 @@ class StoredResult:
     partition: int | None
     sequence: int | None
     hash: bytes | None
+    source: tuple[int, int] | None = None  # the command record that decided it
 
 
 async def load_results(conn: asyncpg.Connection, ids: Sequence[str]) -> list[StoredResult]:
     rows = await conn.fetch(
         """SELECT command_id, request_hash, command_type, accepted, code, detail, partition,
-                  sequence, hash, recorded_at
+                  sequence, hash, recorded_at, source_partition, source_offset
            FROM ledger.results WHERE command_id = ANY($1::text[])""",
         list(ids),
     )
@@ -129,6 +174,8 @@ async def load_results(conn: asyncpg.Connection, ids: Sequence[str]) -> list[Sto
             r["partition"],
             r["sequence"],
             bytes(r["hash"]) if r["hash"] is not None else None,
+            (r["source_partition"], r["source_offset"])
+            if r["source_offset"] is not None else None,
         )
         for r in rows
     ]
@@ -379,6 +426,8 @@ async def copy_journal(
                 "sequence",
                 "hash",
                 "recorded_at",
+                "source_partition",
+                "source_offset",
             ),
         )
 

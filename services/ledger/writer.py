@@ -3,8 +3,10 @@
 Per batch: decode (outside the transaction), lock the stored offsets of the batch's partitions and
 drop records applied before (exactly-once in, even for a writer that lost its partitions), load and
 lock what the commands touch in sorted order, apply them in partition order with the pure domain,
-then write the journal with COPY, the balances with one UPDATE, the results to the outbox and the
-next offsets, and commit. Nothing is visible until all of it is.
+then write the journal with COPY, the balances with one UPDATE and the next offsets, and commit.
+Nothing is visible until all of it is. The batch's answers come back in the report, for the loop
+to publish once the transaction has committed (``answers.py``); records applied before whose
+answers may not have reached Kafka are answered again from ``ledger.results``, changing nothing.
 """
 
 from __future__ import annotations
@@ -13,14 +15,16 @@ import asyncio
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 import asyncpg
 
 from shared.clock import Clock, SystemClock
 from shared.events.topics import LEDGER_COMMANDS, LEDGER_RESULTS, LEDGER_WRITER_GROUP, dlq_topic
+from shared.ids import deterministic_id
 from shared.store.outbox import Outbox, OutboxMessage
 
 from . import domain as d
@@ -59,7 +63,17 @@ class BatchReport:
     rejected: int = 0
     dead_lettered: int = 0
     skipped: int = 0
+    replayed: int = 0  # applied before, answered again (their answers may not have reached Kafka)
     postings: int = 0
+    # Publish these once the batch has committed; then every record of partition p below
+    # answered_to[p] has its answer in Kafka.
+    answers: list[OutboxMessage] = field(default_factory=list)
+    answered_to: dict[int, int] = field(default_factory=dict)
+
+
+class ReplayDecidedError(RuntimeError):
+    """A record applied before got a new decision when answered again: its stored result is
+    missing. Nothing is written; the ledger must not answer what it did not journal."""
 
 
 @dataclass
@@ -78,6 +92,7 @@ class _Batch:
     touched_pendings: set[str] = field(default_factory=set)
     touched_groups: set[str] = field(default_factory=set)  # sealed by commit/void group
     stored_places: dict[str, ChainPlace] = field(default_factory=dict)
+    stored_sources: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class LedgerWriter:
@@ -107,21 +122,29 @@ class LedgerWriter:
     async def apply_batch(
         self, records: Sequence[Record],
         decoded: list[tuple[Record, Incoming | DeadLetter]] | None = None,
+        answered: dict[int, int] | None = None,
     ) -> BatchReport:
-        """Apply ``records`` (in partition order) exactly once; return what happened."""
+        """Apply ``records`` (in partition order) exactly once; return what happened and the
+        answers to publish now that it has committed.
+
+        ``answered``: how far this writer's earlier answers are acknowledged by Kafka, per
+        partition; stored with the progress of this batch's partitions.
+        """
         if decoded is None:
             decoded = self.prepare(records)
         report = BatchReport()
         async with self._pool.acquire() as conn, conn.transaction():
-            fresh, heads = await self._fence(conn, decoded, report)
-            if not fresh:
+            live, progress = await self._fence(conn, decoded, report)
+            if not live:
                 return report
-            batch = _Batch(heads=heads)
-            incoming = [(r, x) for r, x in fresh if isinstance(x, Incoming)]
+            fresh = [(r, x) for r, x in live if r.offset >= progress.next[r.partition]]
+            batch = _Batch(heads=progress.heads)
+            incoming = [(r, x) for r, x in live if isinstance(x, Incoming)]
             state = await self._load(conn, [x.command for _, x in incoming], batch)
             locked = set(state.accounts)  # the balance rows loaded FOR UPDATE, before any open
             now = self.clock.now()
             applied = [(r, x, state.apply(x.command, now)) for r, x in incoming]
+            _check_replays(applied, progress.next)
             # PostgreSQL updates the balances (rows locked above) while this process journals
             # the batch and writes its answers: the two no longer wait for each other. Accounts
             # this batch opens have no balance row yet; theirs follow the account rows.
@@ -131,20 +154,26 @@ class LedgerWriter:
             await asyncio.sleep(0)  # the UPDATE goes on the wire
             try:
                 results = iter(applied)
-                for r, x in fresh:  # record order, so replies and dead letters keep it too
+                for r, x in live:  # record order, so replies and dead letters keep it too
                     if isinstance(x, DeadLetter):
                         batch.outbox.append(self._dead_letter(r, x))
                         report.dead_lettered += 1
                     else:
                         _, _, result = next(results)
-                        self._walk(state, batch, r.partition, x, result, now, report)
+                        self._walk(state, batch, r.partition, x, result, now, report,
+                                   (r.partition, r.offset))
             finally:
                 await asyncio.wait([balances])  # never leave a statement running on conn
             balances.result()
             await self._write(conn, state, batch, opened)
-            await repo.save_progress(conn, self._topic, _next_offsets(fresh), batch.heads)
+            mine = progress.next.keys()
+            await repo.save_progress(conn, self._topic, _next_offsets(fresh), batch.heads,
+                                     {p: a for p, a in (answered or {}).items() if p in mine})
         self._assets.update((a.code, a) for a in batch.new_assets)  # committed: now cacheable
         report.applied = len(fresh)
+        report.replayed = len(live) - len(fresh)
+        report.answers = batch.outbox
+        report.answered_to = _next_offsets(live)
         return report
 
     async def expire_due(self, partitions: Sequence[int], limit: int = 1000) -> int:
@@ -161,7 +190,7 @@ class LedgerWriter:
                 return 0
             batch = _Batch()
             # Offsets rows first, as batches take them, so the two never deadlock.
-            _, batch.heads = await repo.lock_offsets(conn, self._topic, {p: 0 for _, p in due})
+            batch.heads = (await repo.lock_offsets(conn, self._topic, {p: 0 for _, p in due})).heads
             loaded = await repo.load_pendings(conn, [pid for pid, _ in due])
             state = d.LedgerState()
             for pending, partition in loaded:
@@ -175,25 +204,30 @@ class LedgerWriter:
                 partition = batch.partition_of[result.refs[0]]
                 self._walk(state, batch, partition, _EXPIRY_REPLY, result, now, report)
             await self._write(conn, state, batch, d.net_deltas(results))
+            # No record to answer these again from: they go through the outbox and its relay.
+            await self._outbox.add_many(conn, batch.outbox)
             await repo.save_progress(conn, self._topic, {}, batch.heads)
         return len(results)
 
     async def _fence(
         self, conn: asyncpg.Connection, decoded: list[tuple[Record, Any]], report: BatchReport
-    ) -> tuple[list[tuple[Record, Any]], repo.Heads]:
+    ) -> tuple[list[tuple[Record, Any]], repo.Progress]:
+        """Lock the batch's progress; keep the records not yet answered (those not yet applied
+        must start exactly at the stored next offset)."""
         first: dict[int, int] = {}
         for r, _ in decoded:
             first[r.partition] = min(first.get(r.partition, r.offset), r.offset)
-        stored, heads = await repo.lock_offsets(conn, self._topic, first)
-        fresh = [(r, x) for r, x in decoded if r.offset >= stored[r.partition]]
-        report.skipped = len(decoded) - len(fresh)
+        progress = await repo.lock_offsets(conn, self._topic, first)
+        live = [(r, x) for r, x in decoded if r.offset >= progress.answered[r.partition]]
+        report.skipped = len(decoded) - len(live)
         starts: dict[int, int] = {}
-        for r, _ in fresh:
-            starts.setdefault(r.partition, r.offset)
+        for r, _ in live:
+            if r.offset >= progress.next[r.partition]:
+                starts.setdefault(r.partition, r.offset)
         for partition, start in starts.items():
-            if start != stored[partition]:
-                raise OffsetGapError(partition, stored[partition], start)
-        return fresh, heads
+            if start != progress.next[partition]:
+                raise OffsetGapError(partition, progress.next[partition], start)
+        return live, progress
 
     async def _load(
         self, conn: asyncpg.Connection, commands: list[d.Command], batch: _Batch
@@ -208,6 +242,8 @@ class LedgerWriter:
         ids = [c.command_id for c in commands if type(c.command_id) is str]
         for stored in await repo.load_results(conn, ids):
             state.remember(stored.result.command_id, stored.result.request_hash, stored.result)
+            if stored.source is not None:
+                batch.stored_sources[stored.result.command_id] = stored.source
             if stored.partition is not None and stored.sequence is not None and stored.hash:
                 batch.stored_places[stored.result.command_id] = ChainPlace(
                     stored.partition, stored.sequence, stored.hash
@@ -248,8 +284,11 @@ class LedgerWriter:
         result: d.Result,
         now: datetime,
         report: BatchReport,
+        source: tuple[int, int] | None = None,
     ) -> None:
-        """Turn one command's result (and the expiries it caused) into rows and one reply."""
+        """Turn one command's result (and the expiries it caused) into rows and one reply.
+
+        ``source``: the command record's (partition, offset); None for expiries."""
         place = batch.stored_places.get(result.command_id) if result.duplicate else None
         # A duplicate replays the original Result, expired sub-results included: those were
         # journalled with the original, so a replay writes nothing.
@@ -264,8 +303,16 @@ class LedgerWriter:
             if effect_place is not None:  # a retry later in this batch replays this place
                 batch.stored_places[effect.command_id] = effect_place
             self._track(state, batch, incoming.command, effect, partition)
-            batch.results.append(_result_row(effect, effect_place, now))
-        batch.outbox.append(result_message(result, incoming, place, now))
+            batch.results.append(
+                _result_row(effect, effect_place, now, source if effect is result else None))
+        answer = result
+        if result.duplicate and source is not None and batch.stored_sources.get(
+                result.command_id) == source:
+            # This very record decided it, and is answered again (after a crash or re-seek):
+            # the answer says what its first one said.
+            answer = replace(result, duplicate=False)
+        answer_id = self._answer_id(*source) if source is not None else None
+        batch.outbox.append(result_message(answer, incoming, place, now, answer_id))
         if result.accepted:
             report.accepted += 1
         else:
@@ -339,7 +386,8 @@ class LedgerWriter:
         batch: _Batch,
         deltas: dict[str, d.BalanceDelta],
     ) -> None:
-        """Write what ``batch`` gathered and add ``deltas`` to the balances."""
+        """Write what ``batch`` gathered (its answers excepted) and add ``deltas`` to the
+        balances."""
         await repo.insert_assets(conn, batch.new_assets)
         new_ids = {a.id for a in batch.new_accounts}
         await repo.insert_accounts(conn, batch.new_accounts)
@@ -363,7 +411,10 @@ class LedgerWriter:
         } | batch.touched_groups
         await repo.upsert_groups(conn, [state.groups[g] for g in sorted(group_ids)])
         await repo.apply_balance_deltas(conn, deltas)
-        await self._outbox.add_many(conn, batch.outbox)
+
+    def _answer_id(self, partition: int, offset: int) -> UUID:
+        """The id of the answer to a record: the same whenever that record is answered."""
+        return deterministic_id("ledger.answer", self._topic, str(partition), str(offset))
 
     def _dead_letter(self, record: Record, dead: DeadLetter) -> OutboxMessage:
         headers = {_text(k): _text(v.decode("utf-8", "replace")) for k, v in record.headers}
@@ -404,6 +455,17 @@ def _asset_codes(commands: list[d.Command]) -> set[str]:
     return codes
 
 
+def _check_replays(applied: list[tuple[Record, Incoming, d.Result]], next_offsets: dict[int, int]
+                   ) -> None:
+    """A record below the stored next offset was applied before: answering it again must replay
+    the stored outcome (or a rejection that stores nothing), never decide anew."""
+    for r, _, result in applied:
+        if r.offset < next_offsets[r.partition] and result.recorded:
+            raise ReplayDecidedError(
+                f"partition {r.partition} offset {r.offset}: command {result.command_id!r} was "
+                "applied before but has no stored result")
+
+
 def _next_offsets(fresh: list[tuple[Record, Any]]) -> dict[int, int]:
     nxt: dict[int, int] = {}
     for r, _ in fresh:
@@ -411,7 +473,8 @@ def _next_offsets(fresh: list[tuple[Record, Any]]) -> dict[int, int]:
     return nxt
 
 
-def _result_row(effect: d.Result, place: ChainPlace | None, now: datetime) -> tuple[Any, ...]:
+def _result_row(effect: d.Result, place: ChainPlace | None, now: datetime,
+                source: tuple[int, int] | None) -> tuple[Any, ...]:
     return (
         effect.command_id,
         effect.request_hash,
@@ -424,6 +487,7 @@ def _result_row(effect: d.Result, place: ChainPlace | None, now: datetime) -> tu
         place.sequence if place else None,
         place.hash if place else None,
         effect.recorded_at or now,
+        *(source or (None, None)),
     )
 
 
@@ -443,4 +507,5 @@ def _json(value: Any) -> str:
     return json.dumps(dict(value) if value else {}, sort_keys=True, separators=(",", ":"))
 
 
-__all__ = ["LEDGER_RESULTS", "BatchReport", "LedgerWriter", "OffsetGapError", "Record"]
+__all__ = ["LEDGER_RESULTS", "BatchReport", "LedgerWriter", "OffsetGapError", "Record",
+           "ReplayDecidedError"]

@@ -321,8 +321,15 @@ async def consumed(pool: asyncpg.Pool, topic: str) -> int:
         topic))
 
 
+_UNANSWERED = """(SELECT coalesce(sum(next_offset - coalesce(answered_offset, next_offset)), 0)
+                   FROM ledger.consumed_offsets)"""
+
+
 async def unsent(pool: asyncpg.Pool) -> int:
-    return int(await pool.fetchval("SELECT count(*) FROM ledger.outbox WHERE sent_at IS NULL"))
+    """Answers not known to be in Kafka: records past the answered watermark (the writer sends
+    those itself) and outbox rows (expiries, through the relay)."""
+    return int(await pool.fetchval(
+        f"SELECT (SELECT count(*) FROM ledger.outbox WHERE sent_at IS NULL) + {_UNANSWERED}"))
 
 
 async def wait_applied_and_relayed(pool: asyncpg.Pool, topic: str, total: int, *,

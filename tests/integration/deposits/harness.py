@@ -454,7 +454,10 @@ class World:
         while True:
             unsent = await self.pool.fetchval(
                 "SELECT (SELECT count(*) FROM deposits.outbox WHERE sent_at IS NULL) + "
-                "(SELECT count(*) FROM ledger.outbox WHERE sent_at IS NULL)")
+                "(SELECT count(*) FROM ledger.outbox WHERE sent_at IS NULL) + "
+                # records the ledger applied whose answers Kafka has not acknowledged yet
+                "(SELECT coalesce(sum(next_offset - coalesce(answered_offset, next_offset)), 0)"
+                " FROM ledger.consumed_offsets)")
             lag = await self.lag()
             if unsent == 0 and lag == 0:
                 return

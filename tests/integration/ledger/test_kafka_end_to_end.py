@@ -19,17 +19,19 @@ async def read_results(bootstrap: str, topic: str, count: int, timeout_s: float 
     consumer = AIOKafkaConsumer(topic, bootstrap_servers=bootstrap, auto_offset_reset="earliest",
                                 group_id=f"reader-{topic}", enable_auto_commit=False)
     await consumer.start()
-    out: list[dict] = []
+    # An answer may arrive twice (sent again after a rebalance); a copy has the same event id.
+    out: dict[str, dict] = {}
     try:
         deadline = asyncio.get_running_loop().time() + timeout_s
         while len(out) < count and asyncio.get_running_loop().time() < deadline:
             for records in (await consumer.getmany(timeout_ms=500)).values():
                 for r in records:
                     envelope, _ = decode(r.value)
-                    out.append({"type": envelope.type, **envelope.payload})
+                    out.setdefault(str(envelope.event_id),
+                                   {"type": envelope.type, **envelope.payload})
     finally:
         await consumer.stop()
-    return out
+    return list(out.values())
 
 
 async def publish(bootstrap: str, topic: str, items: list[tuple[bytes, bytes, int | None]]) -> None:

@@ -38,7 +38,7 @@ from hypothesis import strategies as st
 
 from services.ledger import domain as d
 from services.ledger.verify import verify
-from services.ledger.writer import LedgerWriter, Record
+from services.ledger.writer import BatchReport, LedgerWriter, Record
 from shared.clock import ManualClock
 from shared.events import ledger as wire
 from shared.events.envelope import decode, encode, new_envelope
@@ -569,21 +569,21 @@ def check_db(snap: Snapshot, model: d.LedgerState) -> None:
     assert all(v == [0, 0] for v in net.values()), f"an asset does not net to zero: {dict(net)}"
 
 
+def _reply(value: bytes) -> tuple[Any, ...]:
+    envelope, _ = decode(value)
+    p = envelope.payload
+    return p["command_id"], envelope.type == "ledger.PostingAccepted", p.get("code"), p["duplicate"]
+
+
+def batch_replies(report: BatchReport) -> list[tuple[Any, ...]]:
+    """A batch's answers, which the writer publishes itself once the batch committed."""
+    return [_reply(m.value) for m in report.answers]
+
+
 async def replies_since(pool: asyncpg.Pool, after: int) -> tuple[list[tuple[Any, ...]], int]:
+    """Expiry answers, which go through the outbox (no command record to answer them again)."""
     rows = await pool.fetch("SELECT id, value FROM ledger.outbox WHERE id > $1 ORDER BY id", after)
-    out = []
-    for r in rows:
-        envelope, _ = decode(bytes(r["value"]))
-        p = envelope.payload
-        out.append(
-            (
-                p["command_id"],
-                envelope.type == "ledger.PostingAccepted",
-                p.get("code"),
-                p["duplicate"],
-            )
-        )
-    return out, rows[-1]["id"] if rows else after
+    return [_reply(bytes(r["value"])) for r in rows], rows[-1]["id"] if rows else after
 
 
 def expected_reply(r: d.Result) -> tuple[Any, ...]:
@@ -669,8 +669,7 @@ async def run_stream(data: st.DataObject, pool: asyncpg.Pool) -> None:
             sum(r.accepted for r in results),
             sum(not r.accepted for r in results),
         )
-        replies, cursor = await replies_since(pool, cursor)
-        assert replies == [expected_reply(r) for r in results]
+        assert batch_replies(report) == [expected_reply(r) for r in results]
         after = await snapshot(pool)
         check_db(after, model)
         if before is not None and not results[0].accepted and not results[0].expired:
