@@ -1,8 +1,9 @@
 """The ledger's results relay as a process of its own: ``python -m services.ledger.relay``.
 
-The relay publishes the writer's outbox (PostingAccepted/PostingRejected, dead letters). Publishing
-costs CPU per record in aiokafka; in its own process it runs on the other core instead of taking
-turns with the writer. One relay per schema holds the advisory lock (shared.store.outbox), so a
+The relay publishes the ledger's outbox: the answers to expiries, which have no command record the
+writer could answer them again from (the writer publishes every other answer itself, see
+``answers.py``). By default it runs inside the writer's process (``HARBOUR_LEDGER_RELAY_PROCESS``
+moves it to a child). One relay per schema holds the advisory lock (shared.store.outbox), so a
 second one is a hot standby, and running it in or out of the writer's process is equally safe.
 """
 

@@ -8,7 +8,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.events.topics import LEDGER_COMMANDS, LEDGER_WRITER_GROUP
 
-# The ledger's outbox rows are its answers, which ledger.results keeps for good: each row is
+# The ledger's outbox rows are expiry answers, which ledger.results keeps for good: each row is
 # deleted as soon as Kafka has it (cheaper for PostgreSQL than marking it sent).
 ANSWERS_RETENTION = timedelta(0)
 
@@ -18,8 +18,9 @@ class LedgerSettings(BaseSettings):
 
     commands_topic: str = LEDGER_COMMANDS
     group_id: str = LEDGER_WRITER_GROUP
-    # Publish results from a child process (the other core) instead of this event loop.
-    relay_process: bool = True
+    # The outbox relay carries only expiry answers now (the writer publishes the rest itself);
+    # run it in this process by default, or in a child process of its own.
+    relay_process: bool = False
     max_batch: int = 2000  # records per transaction: larger batches amortise commit cost
     relay_batch: int = 2000  # results published per relay round
     pool_size: int = 8
