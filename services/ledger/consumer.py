@@ -79,8 +79,11 @@ class _SeekToStored(ConsumerRebalanceListener):
         self._loop = loop
 
     async def on_partitions_revoked(self, revoked: Iterable[TopicPartition]) -> None:
-        # Progress is committed with every batch. What may lag is the answered watermark: store
-        # it, so the next owner answers again as little as possible (never less than needed).
+        # Progress is committed with every batch. What may lag is the answered watermark: let
+        # the batch in flight finish and its answers reach Kafka, then store the watermark, so
+        # the next owner answers again as little as possible (never less than needed).
+        if self._loop.batch_in_flight is not None:
+            await asyncio.wait([self._loop.batch_in_flight])
         await self._loop.answers.drain()
         await self._loop.save_answered()
 
@@ -122,6 +125,7 @@ class WriterLoop:
             session_timeout_ms=10_000,
         )
         self.answers = AnswerPublisher(bootstrap)
+        self.batch_in_flight: asyncio.Task[bool] | None = None
         self.applied = 0
         self._pending_commit: dict[TopicPartition, int] = {}
         self._commit_task: asyncio.Task[None] | None = None
@@ -173,6 +177,7 @@ class WriterLoop:
                     await self._stage(staged, timeout_ms=0)  # what arrived meanwhile
                 if staged.size and self.answers.failed is None:
                     inflight = asyncio.create_task(self._apply(*staged.take()))
+                    self.batch_in_flight = inflight
                     staged = _Staged()
                 now = asyncio.get_running_loop().time()
                 if now >= next_expiry:

@@ -76,12 +76,28 @@ class Reader:
         self.records: list[Any] = []
 
     async def until(self, count: int, timeout_s: float = 60) -> list[Any]:
+        """At least ``count`` distinct records. A record sent again (the writer answers records
+        past its acknowledged watermark again after a rebalance) is the same record: an answer
+        keeps its event id, a dead letter its original partition and offset."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
+        seen = {_identity(r) for r in self.records}
         while len(self.records) < count and loop.time() < deadline and not self.writer.done():
             for batch in (await self.consumer.getmany(timeout_ms=300)).values():
-                self.records.extend(batch)
+                for r in batch:
+                    if _identity(r) not in seen:
+                        seen.add(_identity(r))
+                        self.records.append(r)
         return self.records
+
+
+def _identity(record: Any) -> str:
+    headers = dict(record.headers or ())
+    if "x-harbour-original-offset" in headers:
+        return (f"dead:{headers['x-harbour-original-partition'].decode()}:"
+                f"{headers['x-harbour-original-offset'].decode()}")
+    envelope, _ = decode(record.value)
+    return f"answer:{envelope.event_id}"
 
 
 def reply(record: Any) -> dict:
