@@ -1301,7 +1301,7 @@ def render(report: BenchReport, console: Any) -> None:
                       "sustained ledger postings/s (10k accounts) over raw-rows postings/s")
     if report.ledger_vs_writer_sql is not None:
         table.add_row("ledger / writer SQL replay", f"{report.ledger_vs_writer_sql:.2f}",
-                      "the rest is Kafka, decoding, the domain and the relay")
+                      "the rest is Kafka, decoding, the domain and publishing answers")
     if report.pgbench is not None:
         p = report.pgbench
         value = f"{p.tps:,.0f} tps" if p.tps is not None else "failed"

@@ -152,6 +152,7 @@ class WriterLoop:
         # flight at once, of disjoint partitions, were tried: with 10,000 accounts they share
         # balance rows, so the second waits on the first's row locks and nothing is gained.)
         inflight: asyncio.Task[bool] | None = None
+        sweep: asyncio.Task[None] | None = None
         staged = _Staged()
         try:
             while not self._stopping.is_set():
@@ -180,13 +181,15 @@ class WriterLoop:
                     self.batch_in_flight = inflight
                     staged = _Staged()
                 now = asyncio.get_running_loop().time()
-                if now >= next_expiry:
-                    await self._expire()
+                if now >= next_expiry and (sweep is None or sweep.done()):
+                    # In the background: its round trips must not hold up the next batch.
+                    sweep = asyncio.create_task(self._expire(), name="ledger-expiry")
                     next_expiry = now + self._expiry_interval_s
         finally:
-            if inflight is not None:
-                with contextlib.suppress(Exception):
-                    await inflight
+            for task in (inflight, sweep):
+                if task is not None:
+                    with contextlib.suppress(Exception):
+                        await task
             await self.answers.stop()
             await self.save_answered()
             with contextlib.suppress(Exception):
@@ -281,8 +284,14 @@ class WriterLoop:
 
     async def _expire(self) -> None:
         owned = sorted(tp.partition for tp in self.consumer.assignment())
-        if owned:
+        if not owned:
+            return
+        try:
             await self._writer.expire_due(owned)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            # A race with another writer's batch or a lost connection: nothing was written, and
+            # the next sweep (half a second on) finds the same pendings still due.
+            log.warning("expiry sweep failed, retrying at the next one: %r", exc)
 
     def stop(self) -> None:
         self._stopping.set()
