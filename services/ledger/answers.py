@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -28,19 +29,29 @@ from shared.store.outbox import OutboxMessage
 log = logging.getLogger(__name__)
 
 
+Spill = Callable[[list[OutboxMessage]], Awaitable[None]]
+
+
 class AnswerPublisher:
     """Publishes each batch's answers; tracks the acknowledged prefix per partition.
 
     Batches are acknowledged in the order they were handed over: the watermark of a partition
-    moves to a batch's ``answered_to`` only once that batch and every batch before it are in
-    Kafka. A failed send stops the watermark where it is and sets :attr:`failed`; the loop then
-    re-reads from the stored watermarks, which answers everything after it again.
+    moves to a batch's ``answered_to`` only once that batch and every batch before it are safe.
+    Safe means in Kafka, or, when Kafka refused them after its own retries (a reply topic that
+    does not exist, a broker down for longer than the producer's timeout), in the outbox
+    (``spill``), whose relay keeps trying and shows the error: a refused answer must neither
+    be lost nor stop settlement. Only when the spill fails too does the watermark stop and
+    :attr:`failed` get set; the loop then re-reads from the stored watermarks, which answers
+    everything after them again.
     """
 
-    def __init__(self, bootstrap: str, *, client_id: str = "harbour-ledger-answers") -> None:
+    def __init__(self, bootstrap: str, *, spill: Spill | None = None,
+                 refused_after_ms: int = 30_000,
+                 client_id: str = "harbour-ledger-answers") -> None:
         self._producer = AIOKafkaProducer(
             bootstrap_servers=bootstrap,
             client_id=client_id,
+            request_timeout_ms=refused_after_ms,  # then an answer counts as refused (spilled)
             acks="all",
             enable_idempotence=True,
             # No linger: a batch's answers are appended in one go before the sender runs, so they
@@ -51,6 +62,8 @@ class AnswerPublisher:
         self._queue: deque[tuple[asyncio.Task[None], dict[int, int]]] = deque()
         self.acknowledged: dict[int, int] = {}
         self.failed: BaseException | None = None
+        self.spilled = 0  # answers Kafka refused that went to the outbox instead
+        self._spill = spill
         self._stored: dict[int, int] = {}  # what the database holds, as far as this writer knows
 
     async def start(self) -> None:
@@ -74,17 +87,33 @@ class AnswerPublisher:
         task.add_done_callback(self._advance)
 
     async def _send(self, answers: list[OutboxMessage]) -> None:
-        deliveries: list[asyncio.Future[Any]] = []
-        try:
-            for m in answers:
-                deliveries.append(await self._producer.send(
+        refused = await self._deliver(answers)
+        if not refused:
+            return
+        first = refused[0][1]
+        if self._spill is None:
+            raise first
+        log.warning("Kafka refused %d of %d answers (%r); they go through the outbox instead",
+                    len(refused), len(answers), first)
+        await self._spill([m for m, _ in refused])
+        self.spilled += len(refused)
+
+    async def _deliver(self, answers: list[OutboxMessage]
+                       ) -> list[tuple[OutboxMessage, BaseException]]:
+        """Send every answer, wait for every acknowledgement; return the ones Kafka refused."""
+        deliveries: list[tuple[OutboxMessage, asyncio.Future[Any]]] = []
+        refused: list[tuple[OutboxMessage, BaseException]] = []
+        for m in answers:
+            try:
+                deliveries.append((m, await self._producer.send(
                     m.topic, m.value, key=m.key,
-                    headers=[(k, v.encode()) for k, v in m.headers.items()]))
-        finally:  # settle the ones already queued even when a send raised
-            outcomes = await asyncio.gather(*deliveries, return_exceptions=True)
-        for outcome in outcomes:
-            if isinstance(outcome, BaseException):
-                raise outcome
+                    headers=[(k, v.encode()) for k, v in m.headers.items()])))
+            except Exception as exc:  # e.g. no metadata for the topic within the timeout
+                refused.append((m, exc))
+        outcomes = await asyncio.gather(*(f for _, f in deliveries), return_exceptions=True)
+        refused += [(m, o) for (m, _), o in zip(deliveries, outcomes, strict=True)
+                    if isinstance(o, BaseException)]
+        return refused
 
     def _advance(self, _done: asyncio.Task[None]) -> None:
         while self._queue and self._queue[0][0].done():

@@ -22,6 +22,8 @@ import asyncpg
 from aiokafka import AIOKafkaConsumer, ConsumerRecord, TopicPartition
 from aiokafka.abc import ConsumerRebalanceListener
 
+from shared.store.outbox import Outbox, OutboxMessage
+
 from . import repository as repo
 from .answers import AnswerPublisher
 from .writer import LedgerWriter, OffsetGapError, Record
@@ -105,6 +107,7 @@ class WriterLoop:
         max_records: int = 2000,
         expiry_interval_s: float = 0.5,
         instance_id: str | None = None,
+        answers_refused_after_ms: int = 30_000,
     ) -> None:
         self._pool = pool
         self._writer = writer
@@ -124,7 +127,8 @@ class WriterLoop:
             max_poll_interval_ms=300_000,
             session_timeout_ms=10_000,
         )
-        self.answers = AnswerPublisher(bootstrap)
+        self.answers = AnswerPublisher(bootstrap, spill=self._spill,
+                                       refused_after_ms=answers_refused_after_ms)
         self.batch_in_flight: asyncio.Task[bool] | None = None
         self.applied = 0
         self._pending_commit: dict[TopicPartition, int] = {}
@@ -242,12 +246,18 @@ class WriterLoop:
             await asyncio.sleep(1.0)
             await self.seek_to_stored(list(batch))
             return False
-        self.answers.saved(answered)
+        if report.answered_to:  # the batch stored its progress, watermarks included
+            self.answers.saved(answered)
         self.answers.publish(report.answers, report.answered_to)
         self.applied += report.applied
         self._pending_commit.update({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
         self._commit_to_kafka(force=False)
         return True
+
+    async def _spill(self, answers: list[OutboxMessage]) -> None:
+        """Answers Kafka refused go to the outbox; its relay retries them and shows the error."""
+        async with self._pool.acquire() as conn, conn.transaction():
+            await Outbox("ledger").add_many(conn, answers)
 
     async def save_answered(self) -> None:
         """Store how far answers are acknowledged while no batch is doing it (idle, stopping),

@@ -79,3 +79,40 @@ async def test_a_failed_batch_stops_the_watermark_before_it() -> None:
     await publisher.drain()
     await _settle()
     assert publisher.acknowledged == {0: 2} and publisher.failed is None
+
+
+async def test_answers_kafka_refuses_go_to_the_outbox_and_the_watermark_moves_on() -> None:
+    spilled: list[list[bytes]] = []
+
+    async def spill(answers: list[OutboxMessage]) -> None:
+        spilled.append([m.value for m in answers])
+
+    publisher = AnswerPublisher("unused:9092", spill=spill)
+    kafka = _Producer()
+    publisher._producer = kafka
+    publisher.publish([_answer(b"a1"), _answer(b"a2")], {0: 2})
+    publisher.publish([_answer(b"b")], {0: 3})
+    await _settle()
+    kafka.acks[b"a1"].set_result(None)
+    kafka.acks[b"a2"].set_exception(RuntimeError("UnknownTopicOrPartition"))
+    kafka.acks[b"b"].set_result(None)
+    await publisher.drain()
+    await _settle()
+    assert spilled == [[b"a2"]]  # only what Kafka refused; a1 is in Kafka already
+    assert publisher.spilled == 1 and publisher.failed is None
+    assert publisher.acknowledged == {0: 3}
+
+
+async def test_when_the_outbox_fails_too_the_watermark_stops() -> None:
+    async def spill(answers: list[OutboxMessage]) -> None:
+        raise OSError("database unreachable")
+
+    publisher = AnswerPublisher("unused:9092", spill=spill)
+    kafka = _Producer()
+    publisher._producer = kafka
+    publisher.publish([_answer(b"a")], {0: 1})
+    await _settle()
+    kafka.acks[b"a"].set_exception(RuntimeError("broker gone"))
+    await _settle()
+    await _settle()
+    assert publisher.acknowledged == {} and isinstance(publisher.failed, OSError)

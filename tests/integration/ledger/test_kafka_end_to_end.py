@@ -81,3 +81,43 @@ async def test_commands_through_kafka_settle_and_answer(
                             "FROM ledger.balances WHERE account_id LIKE 'c%'")
     assert {r["account_id"]: int(r["bal"]) for r in rows} == {f"c{i}": 10000 for i in range(10)}
     assert (await verify(pool)).ok
+
+
+async def test_an_answer_kafka_refuses_goes_to_the_outbox_and_settlement_goes_on(
+        kafka_bootstrap: str, new_topic, pool: asyncpg.Pool) -> None:
+    commands = await new_topic("ledger.commands", partitions=1)
+    results = await new_topic("ledger.results", partitions=1)
+    nowhere = f"{results}-never-created"  # a valid reply topic name; auto-create is off
+    values = [L.asset("HKD", 2, reply_to=results),
+              L.account("treasury", "HKD", reply_to=results),
+              L.account("c1", "HKD", reply_to=results),
+              L.transfer("lost-reply", "treasury", "c1", "HKD", "5.00", reply_to=nowhere),
+              L.transfer("after", "treasury", "c1", "HKD", "7.00", reply_to=results)]
+    writer = WriterLoop(pool, LedgerWriter(pool, topic=commands), kafka_bootstrap,
+                        topic=commands, group_id=f"writer-{commands}",
+                        answers_refused_after_ms=3_000)
+    task = asyncio.create_task(writer.run())
+    try:
+        await publish(kafka_bootstrap, commands, [(v, b"k", 0) for v in values])
+        out = await read_results(kafka_bootstrap, results, 4)
+        # The ledger did not wait for the refused answer: the posting after it settled.
+        assert [r["command_id"] for r in out][-1] == "after"
+        for _ in range(150):  # the refusal takes the producer's 3 s timeout
+            if await pool.fetchval("SELECT count(*) FROM ledger.outbox"):
+                break
+            await asyncio.sleep(0.2)
+        # ...and the refused answer waits in the outbox, where the relay retries it and shows
+        # the error: not lost, not blocking.
+        rows = await pool.fetch("SELECT topic, key FROM ledger.outbox")
+        assert [(r["topic"], bytes(r["key"])) for r in rows] == [(nowhere, b"lost-reply")]
+        assert writer.answers.spilled == 1
+        await asyncio.sleep(0.5)  # idle: the watermark is stored
+        row = await pool.fetchrow("SELECT next_offset, answered_offset FROM "
+                                  "ledger.consumed_offsets WHERE topic = $1", commands)
+        assert (row["next_offset"], row["answered_offset"]) == (5, 5)
+    finally:
+        writer.stop()
+        await asyncio.gather(task, return_exceptions=True)
+    balance = await pool.fetchval("SELECT credits_posted FROM ledger.balances "
+                                  "WHERE account_id = 'c1'")
+    assert int(balance) == 1200
