@@ -15,6 +15,7 @@ from rich.table import Table
 from shared.config import PostgresSettings
 from shared.money import format_amount
 
+from . import repository as repo
 from .verify import Anchor, chain_heads, read_anchors, verify
 
 ledger_app = typer.Typer(help="Read the ledger: balances and statements.", no_args_is_help=True)
@@ -72,6 +73,38 @@ def anchor() -> None:
 
     for head in asyncio.run(run()):
         typer.echo(json.dumps(head.to_json()))
+
+
+@ledger_app.command("progress")
+def progress(as_json: bool = typer.Option(False, "--json", help="one JSON object per partition"),
+             ) -> None:
+    """Per partition of the commands topic: the next record to apply, how far answers are
+    acknowledged by Kafka, the chain length; and the outbox rows waiting for the relay."""
+
+    async def run() -> tuple[list[repo.PartitionProgress], int]:
+        pool = await _pool()
+        try:
+            async with pool.acquire() as conn:
+                return await repo.progress_report(conn)
+        finally:
+            await pool.close()
+
+    partitions, waiting = asyncio.run(run())
+    if as_json:
+        for p in partitions:
+            typer.echo(json.dumps({"topic": p.topic, "partition": p.partition,
+                                   "next_offset": p.next_offset,
+                                   "answered_offset": p.answered_offset,
+                                   "unanswered": p.unanswered,
+                                   "chain_sequence": p.chain_sequence}))
+        typer.echo(json.dumps({"outbox_waiting": waiting}))
+        return
+    table = Table("topic", "partition", "next offset", "answered to", "unanswered", "chain")
+    for p in partitions:
+        table.add_row(p.topic, str(p.partition), str(p.next_offset), str(p.answered_offset),
+                      str(p.unanswered), str(p.chain_sequence or 0))
+    console.print(table)
+    console.print(f"outbox rows waiting for the relay: {waiting}")
 
 
 _BALANCES = """

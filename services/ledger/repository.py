@@ -145,6 +145,36 @@ async def stored_offsets(conn: asyncpg.Connection, topic: str) -> dict[int, int]
 
 
 @dataclass(frozen=True, slots=True)
+class PartitionProgress:
+    """Where the writers are on one partition of a commands topic (``harbour ledger progress``)."""
+
+    topic: str
+    partition: int
+    next_offset: int
+    answered_offset: int
+    chain_sequence: int | None
+
+    @property
+    def unanswered(self) -> int:
+        """Records applied whose answers Kafka has not acknowledged yet (as last stored)."""
+        return self.next_offset - self.answered_offset
+
+
+async def progress_report(conn: asyncpg.Connection) -> tuple[list[PartitionProgress], int]:
+    """Every partition's progress, and the outbox rows waiting for the relay (expiry answers,
+    answers Kafka refused)."""
+    rows = await conn.fetch(
+        """SELECT c.topic, c.partition, c.next_offset,
+                  coalesce(c.answered_offset, c.next_offset) AS answered, h.sequence
+           FROM ledger.consumed_offsets c LEFT JOIN ledger.chain_heads h
+             ON h.partition = c.partition
+           ORDER BY c.topic, c.partition""")
+    waiting = await conn.fetchval("SELECT count(*) FROM ledger.outbox WHERE sent_at IS NULL")
+    return [PartitionProgress(r["topic"], r["partition"], r["next_offset"], r["answered"],
+                              r["sequence"]) for r in rows], int(waiting)
+
+
+@dataclass(frozen=True, slots=True)
 class StoredResult:
     result: d.Result
     partition: int | None

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import asyncpg
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
+from typer.testing import CliRunner
 
+from services.cli.main import app
 from services.ledger.consumer import WriterLoop
 from services.ledger.verify import verify
 from services.ledger.writer import LedgerWriter
@@ -84,7 +87,7 @@ async def test_commands_through_kafka_settle_and_answer(
 
 
 async def test_an_answer_kafka_refuses_goes_to_the_outbox_and_settlement_goes_on(
-        kafka_bootstrap: str, new_topic, pool: asyncpg.Pool) -> None:
+        kafka_bootstrap: str, new_topic, pool: asyncpg.Pool, db_url: str) -> None:
     commands = await new_topic("ledger.commands", partitions=1)
     results = await new_topic("ledger.results", partitions=1)
     nowhere = f"{results}-never-created"  # a valid reply topic name; auto-create is off
@@ -121,3 +124,12 @@ async def test_an_answer_kafka_refuses_goes_to_the_outbox_and_settlement_goes_on
     balance = await pool.fetchval("SELECT credits_posted FROM ledger.balances "
                                   "WHERE account_id = 'c1'")
     assert int(balance) == 1200
+    # What an operator sees: everything applied and answered, one answer waiting for the relay.
+    shown = await asyncio.to_thread(CliRunner().invoke, app, ["ledger", "progress", "--json"],
+                                    env={"HARBOUR_DATABASE_URL": db_url})
+    assert shown.exit_code == 0, shown.output
+    lines = [json.loads(line) for line in shown.stdout.splitlines()]
+    assert lines == [
+        {"topic": commands, "partition": 0, "next_offset": 5, "answered_offset": 5,
+         "unanswered": 0, "chain_sequence": 2},
+        {"outbox_waiting": 1}]
