@@ -9,8 +9,8 @@ answer is acknowledged (``answered``); that watermark is stored with the progres
 (``consumed_offsets.answered_offset``). A writer taking a partition over starts reading at the
 watermark and answers the records between it and the next offset again from ``ledger.results``
 (``LedgerWriter.apply_batch``): nothing is lost across a crash between commit and
-acknowledgement; a consumer may get an answer twice, the second flagged ``duplicate`` (consumers
-are idempotent by command id anyway).
+acknowledgement. An answer sent again is the same answer (its event id is derived from the record
+it answers, its body from the stored result), so consumers' inboxes drop the copy.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
 from aiokafka import AIOKafkaProducer
@@ -137,7 +137,7 @@ class AnswerPublisher:
     def reset_failure(self) -> None:
         self.failed = None
 
-    def unsaved(self, partitions: Any = None) -> dict[int, int]:
+    def unsaved(self, partitions: Collection[int] | None = None) -> dict[int, int]:
         """Acknowledged watermarks the database does not have yet (of ``partitions``)."""
         return {p: a for p, a in self.acknowledged.items()
                 if self._stored.get(p) != a and (partitions is None or p in partitions)}

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from services.ledger.answers import AnswerPublisher
+from services.ledger.answers import AnswerPublisher, Spill
 from shared.store.outbox import OutboxMessage
 
 
@@ -23,8 +23,8 @@ class _Producer:
         return ack
 
 
-def _publisher() -> tuple[AnswerPublisher, _Producer]:
-    publisher = AnswerPublisher("unused:9092")
+def _publisher(spill: Spill | None = None) -> tuple[AnswerPublisher, _Producer]:
+    publisher = AnswerPublisher("unused:9092", spill=spill)
     fake = _Producer()
     publisher._producer = fake
     return publisher, fake
@@ -87,9 +87,7 @@ async def test_answers_kafka_refuses_go_to_the_outbox_and_the_watermark_moves_on
     async def spill(answers: list[OutboxMessage]) -> None:
         spilled.append([m.value for m in answers])
 
-    publisher = AnswerPublisher("unused:9092", spill=spill)
-    kafka = _Producer()
-    publisher._producer = kafka
+    publisher, kafka = _publisher(spill)
     publisher.publish([_answer(b"a1"), _answer(b"a2")], {0: 2})
     publisher.publish([_answer(b"b")], {0: 3})
     await _settle()
@@ -107,9 +105,7 @@ async def test_when_the_outbox_fails_too_the_watermark_stops() -> None:
     async def spill(answers: list[OutboxMessage]) -> None:
         raise OSError("database unreachable")
 
-    publisher = AnswerPublisher("unused:9092", spill=spill)
-    kafka = _Producer()
-    publisher._producer = kafka
+    publisher, kafka = _publisher(spill)
     publisher.publish([_answer(b"a")], {0: 1})
     await _settle()
     kafka.acks[b"a"].set_exception(RuntimeError("broker gone"))

@@ -45,6 +45,7 @@ from shared.events.registry import Payload
 from shared.events.topics import TopicSpec, dlq_topic
 from shared.messaging.admin import ensure_topics
 from shared.store.outbox import OutboxRelay
+from tests.support.ledger_run import unsent as ledger_unsent
 
 _REPO = Path(__file__).resolve().parents[3]
 HSBC, HASE = "HSBCHKHH", "HASEHKHH"
@@ -453,11 +454,8 @@ class World:
         deadline = time.monotonic() + timeout_s
         while True:
             unsent = await self.pool.fetchval(
-                "SELECT (SELECT count(*) FROM deposits.outbox WHERE sent_at IS NULL) + "
-                "(SELECT count(*) FROM ledger.outbox WHERE sent_at IS NULL) + "
-                # records the ledger applied whose answers Kafka has not acknowledged yet
-                "(SELECT coalesce(sum(next_offset - coalesce(answered_offset, next_offset)), 0)"
-                " FROM ledger.consumed_offsets)")
+                "SELECT count(*) FROM deposits.outbox WHERE sent_at IS NULL"
+            ) + await ledger_unsent(self.pool)
             lag = await self.lag()
             if unsent == 0 and lag == 0:
                 return
