@@ -83,6 +83,7 @@ FUNDING_MINOR = 10_000_000_00  # 10 million HKD per account: no bench transfer c
 MAX_TRANSFER_MINOR = 100_00  # transfers of 0.01 .. 100.00 HKD
 FUNDING_FANOUT = 63  # credits per funding posting (a posting holds at most 64 entries)
 PARTICIPANT = "BENCH"
+PACING_TICK_S = 0.001  # the latency phase's shortest sleep (see run_latency)
 PROFILE_ENV, PROFILER_ENV = "HARBOUR_BENCH_PROFILE", "HARBOUR_BENCH_PROFILER"
 # Bars from issue 3 / DESIGN.md "Quality bars" (2-core machine).
 RESOLVE_POSTINGS_PER_S, TARGET_POSTINGS_PER_S = 5_000, 20_000
@@ -154,6 +155,8 @@ class LatencyFigures:
     max_send_lag_ms: float = 0.0  # how far the pacing loop fell behind its schedule
     achieved_per_s: float = 0.0
     writer_cpu_pct: float = 0.0
+    bench_cpu_pct: float = 0.0  # the bench client itself shares the machine it measures
+    system_cpu_pct: float = 0.0  # all cores, 100 = machine saturated
     complete: bool = False
 
 
@@ -747,7 +750,11 @@ async def run_latency(label: str, prefix: str, accounts: Sequence[str],
         while i < n:
             now = time.monotonic_ns()
             if schedule[i] > now:
-                await asyncio.sleep(min((schedule[i] - now) / 1e9, 0.05))
+                # At least a millisecond: the event loop's timers have millisecond resolution, so
+                # a shorter sleep returns at once and the loop spins, taking a core from the
+                # machine it measures. Records due meanwhile go out together, each still timed
+                # from its own schedule.
+                await asyncio.sleep(min(max((schedule[i] - now) / 1e9, PACING_TICK_S), 0.05))
                 continue
             while i < n and schedule[i] <= now:  # everything due goes out now, late or not
                 _, key, value = records[i]
@@ -760,7 +767,7 @@ async def run_latency(label: str, prefix: str, accounts: Sequence[str],
         await wait_phase(phase, label, ctx.writer, ctx.collector, stall_s=ctx.cfg.stall_s,
                          cap_s=120 + ctx.cfg.duration_s * 3)
     finally:
-        figures.writer_cpu_pct = cpu.close()[0]
+        figures.writer_cpu_pct, figures.bench_cpu_pct, figures.system_cpu_pct = cpu.close()
         ctx.collector.done(phase)
         figures.received, figures.accepted, figures.rejected = (
             phase.received, phase.accepted, phase.rejected)
@@ -1285,7 +1292,8 @@ def render(report: BenchReport, console: Any) -> None:
         table.add_row("", f"p50 {s.p50_ms:,.1f} ms",
                       f"p90 {s.p90_ms:,.1f}, p99.9 {s.p999_ms:,.1f}, max {s.max_ms:,.1f}, mean "
                       f"{s.mean_ms:,.1f} ms; {lat.accepted:,} accepted, {lat.rejected:,} "
-                      f"rejected; writer CPU {lat.writer_cpu_pct:.0f}%")
+                      f"rejected; CPU: writer {lat.writer_cpu_pct:.0f}%, bench "
+                      f"{lat.bench_cpu_pct:.0f}%, machine {lat.system_cpu_pct:.0f}%")
         for stage, st in lat.stages.items():
             table.add_row("", f"p50 {st.p50_ms:,.1f} / p99 {st.p99_ms:,.1f} ms", stage)
     table.add_section()
