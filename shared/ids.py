@@ -7,6 +7,7 @@ without storing it first.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import threading
@@ -14,7 +15,7 @@ import time
 import uuid
 from typing import Final
 
-__all__ = ["HARBOUR_NAMESPACE", "deterministic_id", "new_id", "uuid7_unix_ms"]
+__all__ = ["HARBOUR_NAMESPACE", "DeterministicIds", "deterministic_id", "new_id", "uuid7_unix_ms"]
 
 # Fixed forever: every deterministic id ever issued depends on it.
 HARBOUR_NAMESPACE: Final = uuid.UUID("5f3c2a8e-6d1b-5c47-9a0e-4b8f7d2e1c93")
@@ -108,6 +109,35 @@ def deterministic_id(namespace: str, *parts: str) -> uuid.UUID:
         raise ValueError("deterministic_id needs a non-empty namespace")
     name = json.dumps([namespace, *parts], ensure_ascii=True, separators=(",", ":"))
     return uuid.uuid5(HARBOUR_NAMESPACE, name)
+
+
+class DeterministicIds:
+    """:func:`deterministic_id` for many ids that share their leading arguments, as text.
+
+    ``DeterministicIds(ns, *fixed).text(*rest)`` is ``str(deterministic_id(ns, *fixed, *rest))``
+    at about a fifth of the cost: the hashed name's fixed prefix is encoded once and the UUID is
+    formatted straight from the digest. The ledger writer derives one per answer it sends.
+    """
+
+    __slots__ = ("_prefix",)
+
+    def __init__(self, namespace: str, *fixed: str) -> None:
+        str(deterministic_id(namespace, *fixed))  # the same argument checks
+        head = json.dumps([namespace, *fixed], ensure_ascii=True, separators=(",", ":"))
+        self._prefix = HARBOUR_NAMESPACE.bytes + head[:-1].encode("ascii")
+
+    def text(self, *parts: str) -> str:
+        if not all(isinstance(part, str) for part in parts):
+            raise TypeError("DeterministicIds.text takes str arguments only")
+        # json.dumps(ensure_ascii=True) encodes each str with this same function.
+        tail = "".join("," + _json_str(part) for part in parts) + "]"
+        h = hashlib.sha1(self._prefix + tail.encode("ascii")).hexdigest()
+        # As uuid.uuid5: the version nibble becomes 5 and the variant's top bits 10 (RFC 9562).
+        return f"{h[:8]}-{h[8:12]}-5{h[13:16]}-{_VARIANT[h[16]]}{h[17:20]}-{h[20:32]}"
+
+
+_json_str = json.encoder.encode_basestring_ascii
+_VARIANT: Final = {f"{n:x}": f"{0x8 | (n & 0x3):x}" for n in range(16)}
 
 
 def _random_bits(bits: int) -> int:

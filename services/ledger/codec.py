@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from json.encoder import encode_basestring_ascii as _esc
 from typing import Any
-from uuid import UUID
 
 from shared.errors import ValidationError
 from shared.events import ledger as wire
@@ -191,7 +190,7 @@ def result_message(
     incoming: Incoming,
     place: ChainPlace | None,
     now: datetime | None = None,
-    event_id: UUID | None = None,
+    event_id: str | None = None,
 ) -> OutboxMessage:
     """The PostingAccepted/PostingRejected envelope for one result, bound for the reply topic.
 
@@ -223,7 +222,7 @@ def result_message(
         )
     source = incoming.envelope
     stamp = _stamp(now or datetime.now(UTC))
-    event_id_json = '"' + str(event_id or new_id()) + '"'
+    event_id_json = '"' + (event_id or str(new_id())) + '"'
     envelope = (
         '{"event_id":' + event_id_json + ',"type":"' + type_name + '","schema_version":1'
         + ',"occurred_at":' + stamp + ',"recorded_at":' + stamp

@@ -18,13 +18,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 import asyncpg
 
 from shared.clock import Clock, SystemClock
 from shared.events.topics import LEDGER_COMMANDS, LEDGER_RESULTS, LEDGER_WRITER_GROUP, dlq_topic
-from shared.ids import deterministic_id
+from shared.ids import DeterministicIds
 from shared.store.outbox import Outbox, OutboxMessage
 
 from . import domain as d
@@ -109,6 +108,7 @@ class LedgerWriter:
         self._pool = pool
         self.clock: Clock = clock or SystemClock()
         self._topic = topic
+        self._answer_ids = DeterministicIds("ledger.answer", topic)
         self._dlq = dlq_topic(group_id)
         self._outbox = Outbox("ledger")
         self._assets: dict[str, d.AssetState] = {}
@@ -412,9 +412,10 @@ class LedgerWriter:
         await repo.upsert_groups(conn, [state.groups[g] for g in sorted(group_ids)])
         await repo.apply_balance_deltas(conn, deltas)
 
-    def _answer_id(self, partition: int, offset: int) -> UUID:
-        """The id of the answer to a record: the same whenever that record is answered."""
-        return deterministic_id("ledger.answer", self._topic, str(partition), str(offset))
+    def _answer_id(self, partition: int, offset: int) -> str:
+        """The id of the answer to a record: the same whenever that record is answered
+        (``deterministic_id("ledger.answer", topic, partition, offset)``)."""
+        return self._answer_ids.text(str(partition), str(offset))
 
     def _dead_letter(self, record: Record, dead: DeadLetter) -> OutboxMessage:
         headers = {_text(k): _text(v.decode("utf-8", "replace")) for k, v in record.headers}

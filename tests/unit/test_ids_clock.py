@@ -7,10 +7,18 @@ import uuid
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from shared import ids
 from shared.clock import Clock, ManualClock, SystemClock
-from shared.ids import HARBOUR_NAMESPACE, deterministic_id, new_id, uuid7_unix_ms
+from shared.ids import (
+    HARBOUR_NAMESPACE,
+    DeterministicIds,
+    deterministic_id,
+    new_id,
+    uuid7_unix_ms,
+)
 
 # --- new_id -------------------------------------------------------------------------------------
 
@@ -92,6 +100,21 @@ def test_deterministic_id_is_pinned_forever() -> None:
         "56ad7f9f-a143-5b37-ae87-4f26917a31a0"
     )
     assert deterministic_id("x") == uuid.UUID("6e9fc01f-16c6-55ef-9a6a-d739ad992c72")
+
+
+@given(st.text(min_size=1), st.lists(st.text(), max_size=3), st.lists(st.text(), max_size=3))
+def test_deterministic_ids_derive_the_same_ids_as_deterministic_id(
+        namespace: str, fixed: list[str], rest: list[str]) -> None:
+    # Any text: quotes, backslashes, control characters and non-ASCII in every part.
+    assert DeterministicIds(namespace, *fixed).text(*rest) == str(
+        deterministic_id(namespace, *fixed, *rest))
+
+
+def test_deterministic_ids_take_strings_only() -> None:
+    with pytest.raises(TypeError):
+        DeterministicIds("ledger.answer", "t").text("1", 2)  # type: ignore[arg-type]
+    with pytest.raises(ValueError):
+        DeterministicIds("")
 
 
 def test_deterministic_id_is_stable_and_version_5() -> None:
