@@ -289,7 +289,8 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
                 "PYTHONUNBUFFERED": "1"}
     ledger = ServiceProcess("ledger", {**base_env,
                                  "HARBOUR_LEDGER_COMMANDS_TOPIC": topics["ledger"].name,
-                                 "HARBOUR_LEDGER_GROUP_ID": ledger_group},
+                                 "HARBOUR_LEDGER_GROUP_ID": ledger_group,
+                                 "HARBOUR_LEDGER_METRICS_PORT": "0"},
                       workdir / "ledger.log")
     deposits = ServiceProcess("deposits", {
         **base_env,

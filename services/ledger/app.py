@@ -23,6 +23,8 @@ from shared.runtime import run_service
 from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
+from .metrics import WriterMetrics
+from .metrics import serve as serve_metrics
 from .relay import spawn_child
 from .settings import ANSWERS_RETENTION, LedgerSettings
 from .writer import LedgerWriter
@@ -46,10 +48,12 @@ async def run_ledger(
     ledger = LedgerWriter(pool, topic=settings.commands_topic, group_id=settings.group_id)
     # One group member per process; scale out with more processes. (Two members in one process
     # rebalanced each other under load.)
+    metrics = WriterMetrics()
+    serve_metrics(metrics, settings.metrics_port)
     writers = [
         WriterLoop(pool, ledger, kafka.kafka_bootstrap, topic=settings.commands_topic,
                    group_id=settings.group_id, max_records=settings.max_batch,
-                   instance_id=settings.instance_id)
+                   instance_id=settings.instance_id, metrics=metrics)
     ]
     tasks = [asyncio.create_task(w.run(), name=f"ledger-writer-{i}") for i, w in enumerate(writers)]
     relay: OutboxRelay | None = None

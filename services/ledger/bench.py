@@ -1081,7 +1081,8 @@ async def run_bench(cfg: BenchConfig, say: Say) -> BenchReport:
             env = {**os.environ, "HARBOUR_KAFKA_BOOTSTRAP": cfg.bootstrap,
                    "HARBOUR_DATABASE_URL": bench_url,
                    "HARBOUR_LEDGER_COMMANDS_TOPIC": ctx.commands_topic,
-                   "HARBOUR_LEDGER_GROUP_ID": group, "PYTHONUNBUFFERED": "1"}
+                   "HARBOUR_LEDGER_GROUP_ID": group, "PYTHONUNBUFFERED": "1",
+                   "HARBOUR_LEDGER_METRICS_PORT": "0"}
             profile = cfg.profile.resolve() if cfg.profile else None
             ctx.writer = WriterProcess(env, workdir / "ledger.log", profile, cfg.profiler)
             say(f"starting the ledger writer (log {ctx.writer.log_path})")

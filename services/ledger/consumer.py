@@ -26,6 +26,7 @@ from shared.store.outbox import Outbox, OutboxMessage
 
 from . import repository as repo
 from .answers import AnswerPublisher
+from .metrics import WriterMetrics
 from .writer import LedgerWriter, OffsetGapError, Record
 
 log = logging.getLogger(__name__)
@@ -88,9 +89,18 @@ class _SeekToStored(ConsumerRebalanceListener):
             await asyncio.wait([self._loop.batch_in_flight])
         await self._loop.answers.drain()
         await self._loop.save_answered()
+        self._loop.forget([tp.partition for tp in revoked])
 
     async def on_partitions_assigned(self, assigned: Iterable[TopicPartition]) -> None:
-        await self._loop.seek_to_stored(list(assigned))
+        # aiokafka fetches newly assigned partitions while this callback waits for PostgreSQL.
+        # Paused, none of their records reaches a batch before the seek: they would be applied
+        # from Kafka's committed offset and then, after the seek, answered all over again.
+        partitions = list(assigned)
+        self._loop.consumer.pause(*partitions)
+        try:
+            await self._loop.seek_to_stored(partitions)
+        finally:
+            self._loop.consumer.resume(*partitions)
 
 
 class WriterLoop:
@@ -108,8 +118,11 @@ class WriterLoop:
         expiry_interval_s: float = 0.5,
         instance_id: str | None = None,
         answers_refused_after_ms: int = 30_000,
+        metrics: WriterMetrics | None = None,
     ) -> None:
         self._pool = pool
+        self.metrics = metrics or WriterMetrics()
+        self._applied_to: dict[int, int] = {}  # per owned partition: the next offset to apply
         self._writer = writer
         self._topic = topic
         self._expiry_interval_s = expiry_interval_s
@@ -164,12 +177,14 @@ class WriterLoop:
                     # Answers of a committed batch did not reach Kafka: read again from the
                     # stored watermarks, which answers everything after them again.
                     self.answers.reset_failure()
+                    self.metrics.retries.labels("answers_failed").inc()
                     await self.seek_to_stored(list(self.consumer.assignment()))
                     staged = _Staged()
                 idle = inflight is None and not staged.size
                 if idle:
                     self._commit_to_kafka(force=True)
                     await self.save_answered()
+                    self._partition_metrics()
                 await self._stage(staged, timeout_ms=_POLL_IDLE_MS if idle else 0)
                 if inflight is not None:
                     ok, inflight = await inflight, None
@@ -218,10 +233,12 @@ class WriterLoop:
                      records: list[Record], prepared: list[Any]) -> bool:
         """Apply one batch; on failure re-seek to the stored offsets and return False."""
         answered = self.answers.unsaved({r.partition for r in records})
+        began = asyncio.get_running_loop().time()
         try:
             report = await self._writer.apply_batch(records, prepared, answered)
         except OffsetGapError as gap:
             log.warning("re-seeking: %s", gap)
+            self.metrics.retries.labels("offset_gap").inc()
             await self.seek_to_stored(list(batch))
             return False
         except (
@@ -232,6 +249,7 @@ class WriterLoop:
             # Another writer got there first (same new id, asset or account): run the batch again
             # from the stored offsets; the retry sees that writer's rows and answers accordingly.
             log.info("batch raced another writer, retrying: %s", race)
+            self.metrics.retries.labels("raced").inc()
             await self.seek_to_stored(list(batch))
             return False
         except (
@@ -243,6 +261,7 @@ class WriterLoop:
             # PostgreSQL is unreachable: nothing was committed. Wait and re-read from the stored
             # offsets; the records are still in Kafka.
             log.warning("database unavailable, retrying batch: %s", down)
+            self.metrics.retries.labels("database_unavailable").inc()
             await asyncio.sleep(1.0)
             await self.seek_to_stored(list(batch))
             return False
@@ -250,14 +269,32 @@ class WriterLoop:
             self.answers.saved(answered)
         self.answers.publish(report.answers, report.answered_to)
         self.applied += report.applied
-        self._pending_commit.update({tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs})
+        self.metrics.batch(report, len(records), asyncio.get_running_loop().time() - began)
+        next_offsets = {tp: rs[-1].offset + 1 for tp, rs in batch.items() if rs}
+        self._pending_commit.update(next_offsets)
+        self._applied_to.update((tp.partition, o) for tp, o in next_offsets.items())
         self._commit_to_kafka(force=False)
+        self._partition_metrics()
         return True
+
+    def _partition_metrics(self) -> None:
+        owned = {tp.partition: tp for tp in self.consumer.assignment()}
+        self.metrics.partitions(
+            {p: o for p, o in self._applied_to.items() if p in owned},
+            {p: self.consumer.highwater(tp) for p, tp in owned.items()},
+            self.answers.acknowledged)
+
+    def forget(self, partitions: list[int]) -> None:
+        """Partitions lost in a rebalance: their progress figures are another writer's now."""
+        for partition in partitions:
+            self._applied_to.pop(partition, None)
+        self.metrics.forget(partitions)
 
     async def _spill(self, answers: list[OutboxMessage]) -> None:
         """Answers Kafka refused go to the outbox; its relay retries them and shows the error."""
         async with self._pool.acquire() as conn, conn.transaction():
             await Outbox("ledger").add_many(conn, answers)
+        self.metrics.answers_spilled.inc(len(answers))
 
     async def save_answered(self) -> None:
         """Store how far answers are acknowledged while no batch is doing it (idle, stopping),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import timedelta
 
+from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from shared.events.topics import LEDGER_COMMANDS, LEDGER_WRITER_GROUP
@@ -30,3 +31,6 @@ class LedgerSettings(BaseSettings):
     # writers with one id fence each other in Kafka; PostgreSQL's offset locks keep even that
     # exactly-once, but it is a misconfiguration). Unset: dynamic membership.
     instance_id: str | None = None
+    # Prometheus /metrics (services/ledger/metrics.py) on this port; 0: none. Two writers on one
+    # host need a port each: the second one logs that the port is taken and settles on.
+    metrics_port: int = Field(9101, ge=0, le=65535)

@@ -155,12 +155,15 @@ class LedgerWriter:
             try:
                 results = iter(applied)
                 for r, x in live:  # record order, so replies and dead letters keep it too
+                    # A replayed record is answered again and counted as replayed only.
+                    counts = report if r.offset >= progress.next[r.partition] else None
                     if isinstance(x, DeadLetter):
                         batch.outbox.append(self._dead_letter(r, x))
-                        report.dead_lettered += 1
+                        if counts is not None:
+                            counts.dead_lettered += 1
                     else:
                         _, _, result = next(results)
-                        self._walk(state, batch, r.partition, x, result, now, report,
+                        self._walk(state, batch, r.partition, x, result, now, counts,
                                    (r.partition, r.offset))
             finally:
                 await asyncio.wait([balances])  # never leave a statement running on conn
@@ -283,11 +286,12 @@ class LedgerWriter:
         incoming: Incoming,
         result: d.Result,
         now: datetime,
-        report: BatchReport,
+        counts: BatchReport | None,
         source: tuple[int, int] | None = None,
     ) -> None:
         """Turn one command's result (and the expiries it caused) into rows and one reply.
 
+        ``counts``: where the decision is counted (None: a replayed record, counted as such).
         ``source``: the command record's (partition, offset); None for expiries."""
         place = batch.stored_places.get(result.command_id) if result.duplicate else None
         # A duplicate replays the original Result, expired sub-results included: those were
@@ -313,10 +317,10 @@ class LedgerWriter:
             answer = replace(result, duplicate=False)
         answer_id = self._answer_id(*source) if source is not None else None
         batch.outbox.append(result_message(answer, incoming, place, now, answer_id))
-        if result.accepted:
-            report.accepted += 1
-        else:
-            report.rejected += 1
+        if counts is not None and result.accepted:
+            counts.accepted += 1
+        elif counts is not None:
+            counts.rejected += 1
 
     def _journal(
         self, state: d.LedgerState, batch: _Batch, partition: int, effect: d.Result

@@ -60,13 +60,14 @@ class LedgerProcess:
     @classmethod
     async def start(cls, *, db_url: str, bootstrap: str, topic: str, group_id: str,
                     log_path: Path, name: str = "ledger",
-                    instance_id: str | None = None) -> LedgerProcess:
+                    instance_id: str | None = None, metrics_port: int = 0) -> LedgerProcess:
         env = {
             **os.environ,
             "HARBOUR_KAFKA_BOOTSTRAP": bootstrap,
             "HARBOUR_DATABASE_URL": db_url,
             "HARBOUR_LEDGER_COMMANDS_TOPIC": topic,
             "HARBOUR_LEDGER_GROUP_ID": group_id,
+            "HARBOUR_LEDGER_METRICS_PORT": str(metrics_port),
             "PYTHONUNBUFFERED": "1",
         }
         env.pop("HARBOUR_LEDGER_INSTANCE_ID", None)
@@ -151,10 +152,11 @@ class Processes:
         self.started: list[LedgerProcess] = []
 
     async def start(self, group_id: str, name: str = "ledger",
-                    instance_id: str | None = None) -> LedgerProcess:
+                    instance_id: str | None = None, metrics_port: int = 0) -> LedgerProcess:
         p = await LedgerProcess.start(
             db_url=self.db_url, bootstrap=self.bootstrap, topic=self.topic, group_id=group_id,
             log_path=self.log_dir / f"{name}.log", name=name, instance_id=instance_id,
+            metrics_port=metrics_port,
         )
         self.started.append(p)
         return p
