@@ -66,6 +66,7 @@ async def run_ledger(
         relay = OutboxRelay(postgres.database_url, "ledger", kafka.kafka_bootstrap,
                             batch_size=settings.relay_batch, poll_interval_s=0.5,
                             retention=ANSWERS_RETENTION)
+        metrics.watch_relay(relay.stats)
         tasks.append(asyncio.create_task(relay.run(), name="ledger-relay"))
     try:
         stopped = asyncio.create_task(stop.wait())

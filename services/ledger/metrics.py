@@ -13,9 +13,13 @@ Prometheus' global metric names; the service serves its one loop's registry.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from shared.store.outbox import RelayStats
 
 from .writer import BatchReport
 
@@ -58,6 +62,11 @@ class WriterMetrics:
         for reason in ("raced", "offset_gap", "database_unavailable", "answers_failed"):
             self.retries.labels(reason)
 
+    def watch_relay(self, stats: RelayStats) -> None:
+        """Also serve the in-process outbox relay's counters (it carries expiry answers and
+        answers Kafka refused)."""
+        self.registry.register(_RelayCollector(stats))
+
     def batch(self, report: BatchReport, records: int, seconds: float) -> None:
         self.commands.labels("accepted").inc(report.accepted)
         self.commands.labels("rejected").inc(report.rejected)
@@ -82,6 +91,25 @@ class WriterMetrics:
         for partition in partitions:
             for gauge in (self.lag, self.unanswered):
                 gauge.remove(str(partition))  # a no-op for a label never set
+
+
+class _RelayCollector(Collector):
+    """Read at scrape time: the relay keeps plain counters, and ints are read whole."""
+
+    def __init__(self, stats: RelayStats) -> None:
+        self._stats = stats
+
+    def collect(self) -> Iterable[Metric]:
+        yield CounterMetricFamily(
+            "harbour_ledger_relay_published", "Outbox rows the relay published",
+            value=self._stats.published)
+        yield CounterMetricFamily(
+            "harbour_ledger_relay_errors", "Relay rounds that failed (logged; the rows are "
+            "retried)", value=self._stats.errors)
+        yield GaugeMetricFamily(
+            "harbour_ledger_relay_leader", "1 while this process's relay holds the outbox lock "
+            "and publishes (one relay per database does; others stand by)",
+            value=int(self._stats.is_leader))
 
 
 def serve(metrics: WriterMetrics, port: int, host: str = "0.0.0.0") -> bool:
