@@ -136,7 +136,8 @@ class BenchStack:
             workdir / "gateway.log")
         ledger = ServiceProcess("ledger", {**base,
                                     "HARBOUR_LEDGER_COMMANDS_TOPIC": self.topics["ledger"].name,
-                                    "HARBOUR_LEDGER_GROUP_ID": ledger_group},
+                                    "HARBOUR_LEDGER_GROUP_ID": ledger_group,
+                                    "HARBOUR_LEDGER_METRICS_PORT": "0"},
                          workdir / "ledger.log")
         deposits = ServiceProcess("deposits", {
             **base, "HARBOUR_DEPOSITS_COMMANDS_TOPIC": self.topics["commands"].name,

@@ -134,6 +134,12 @@ class AnswerPublisher:
                 if offset > self.acknowledged.get(partition, -1):
                     self.acknowledged[partition] = offset
 
+    def assume(self, stored: dict[int, int]) -> None:
+        """Partitions taken over: the database holds these watermarks, so they are both
+        acknowledged and saved as far as this writer knows."""
+        self.acknowledged.update(stored)
+        self._stored.update(stored)
+
     def reset_failure(self) -> None:
         self.failed = None
 

@@ -99,8 +99,13 @@ class _SeekToStored(ConsumerRebalanceListener):
         self._loop.consumer.pause(*partitions)
         try:
             await self._loop.seek_to_stored(partitions)
-        finally:
-            self._loop.consumer.resume(*partitions)
+        except Exception as exc:
+            # Resumed here they would read from Kafka's committed offset, which may be past the
+            # answered watermark: answers would be lost. They stay paused; the loop tries again.
+            log.warning("seek to the stored offsets failed, retrying: %r", exc)
+            self._loop.unseeked.update(partitions)
+            return
+        self._loop.consumer.resume(*partitions)
 
 
 class WriterLoop:
@@ -123,6 +128,8 @@ class WriterLoop:
         self._pool = pool
         self.metrics = metrics or WriterMetrics()
         self._applied_to: dict[int, int] = {}  # per owned partition: the next offset to apply
+        self.unseeked: set[TopicPartition] = set()  # assigned, paused until the seek succeeds
+        self._seek_again_at = 0.0
         self._writer = writer
         self._topic = topic
         self._expiry_interval_s = expiry_interval_s
@@ -153,9 +160,24 @@ class WriterLoop:
             stored = await repo.stored_offsets(conn, self._topic)
         for tp in partitions:
             if tp.partition in stored:
-                self.consumer.seek(tp, stored[tp.partition])
+                start, next_offset = stored[tp.partition]
+                self.consumer.seek(tp, start)
+                self._applied_to[tp.partition] = next_offset
+                self.answers.assume({tp.partition: start})
             else:
                 await self.consumer.seek_to_beginning(tp)
+
+    async def _seek_unseeked(self) -> None:
+        """Retry the seek of partitions whose assignment could not reach PostgreSQL."""
+        partitions = [tp for tp in self.unseeked if tp in self.consumer.assignment()]
+        try:
+            await self.seek_to_stored(partitions)
+        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            log.warning("seek to the stored offsets failed again: %r", exc)
+            self._seek_again_at = asyncio.get_running_loop().time() + 1.0
+            return
+        self.consumer.resume(*partitions)
+        self.unseeked.clear()
 
     async def run(self) -> None:
         self.consumer.subscribe([self._topic], listener=_SeekToStored(self))
@@ -171,8 +193,11 @@ class WriterLoop:
         inflight: asyncio.Task[bool] | None = None
         sweep: asyncio.Task[None] | None = None
         staged = _Staged()
+        gauges = asyncio.create_task(self._refresh_gauges(), name="ledger-metrics")
         try:
             while not self._stopping.is_set():
+                if self.unseeked and asyncio.get_running_loop().time() >= self._seek_again_at:
+                    await self._seek_unseeked()
                 if inflight is None and self.answers.failed is not None:
                     # Answers of a committed batch did not reach Kafka: read again from the
                     # stored watermarks, which answers everything after them again.
@@ -184,7 +209,6 @@ class WriterLoop:
                 if idle:
                     self._commit_to_kafka(force=True)
                     await self.save_answered()
-                    self._partition_metrics()
                 await self._stage(staged, timeout_ms=_POLL_IDLE_MS if idle else 0)
                 if inflight is not None:
                     ok, inflight = await inflight, None
@@ -205,6 +229,7 @@ class WriterLoop:
                     sweep = asyncio.create_task(self._expire(), name="ledger-expiry")
                     next_expiry = now + self._expiry_interval_s
         finally:
+            gauges.cancel()
             for task in (inflight, sweep):
                 if task is not None:
                     with contextlib.suppress(Exception):
@@ -274,20 +299,25 @@ class WriterLoop:
         self._pending_commit.update(next_offsets)
         self._applied_to.update((tp.partition, o) for tp, o in next_offsets.items())
         self._commit_to_kafka(force=False)
-        self._partition_metrics()
         return True
 
-    def _partition_metrics(self) -> None:
-        owned = {tp.partition: tp for tp in self.consumer.assignment()}
-        self.metrics.partitions(
-            {p: o for p, o in self._applied_to.items() if p in owned},
-            {p: self.consumer.highwater(tp) for p, tp in owned.items()},
-            self.answers.acknowledged)
+    async def _refresh_gauges(self) -> None:
+        """Lag and unanswered once a second, from a task of their own: a batch that hangs (a
+        lock wait, a database gone) must show as a growing lag, not as the last value."""
+        while True:
+            owned = {tp.partition: tp for tp in self.consumer.assignment()}
+            self.metrics.partitions(
+                {p: o for p, o in self._applied_to.items() if p in owned},
+                {p: self.consumer.highwater(tp) for p, tp in owned.items()},
+                self.answers.acknowledged)
+            await asyncio.sleep(1.0)
 
     def forget(self, partitions: list[int]) -> None:
         """Partitions lost in a rebalance: their progress figures are another writer's now."""
         for partition in partitions:
             self._applied_to.pop(partition, None)
+            self.answers.acknowledged.pop(partition, None)
+        self.unseeked = {tp for tp in self.unseeked if tp.partition not in partitions}
         self.metrics.forget(partitions)
 
     async def _spill(self, answers: list[OutboxMessage]) -> None:

@@ -37,17 +37,23 @@ class WriterMetrics:
         r = self.registry
         self.commands = Counter(
             "harbour_ledger_commands", "Command records the writer handled, by outcome "
-            "(accepted, rejected, dead_lettered; replayed: applied before, answered again)",
-            ["outcome"], registry=r)
+            "(accepted, rejected, dead_lettered; replayed: applied before, answered again; "
+            "skipped: answered before)", ["outcome"], registry=r)
         self.batch_seconds = Histogram(
-            "harbour_ledger_batch_seconds", "Duration of a committed batch transaction",
-            buckets=_SECONDS, registry=r)
+            "harbour_ledger_batch_seconds", "Duration of a committed batch, from taking a "
+            "database connection to the commit", buckets=_SECONDS, registry=r)
+        self.last_batch = Gauge(
+            "harbour_ledger_last_batch_timestamp_seconds", "When the last batch committed (Unix "
+            "time): with a lag above 0, a value that stops moving means the writer is stuck",
+            registry=r)
         self.batch_records = Histogram(
             "harbour_ledger_batch_records", "Records per committed batch", buckets=_RECORDS,
             registry=r)
         self.retries = Counter(
-            "harbour_ledger_batch_retries", "Batches rolled back and read again from the "
-            "stored offsets, by reason", ["reason"], registry=r)
+            "harbour_ledger_batch_retries", "Times the writer read again from the stored "
+            "offsets, by reason (raced, offset_gap, database_unavailable: the batch was rolled "
+            "back; answers_failed: a committed batch's answers did not reach Kafka)", ["reason"],
+            registry=r)
         self.answers_spilled = Counter(
             "harbour_ledger_answers_spilled", "Answers Kafka refused that went to the outbox "
             "for its relay to retry", registry=r)
@@ -57,7 +63,7 @@ class WriterMetrics:
         self.unanswered = Gauge(
             "harbour_ledger_unanswered", "Applied records of the partition whose answers Kafka "
             "has not acknowledged yet", ["partition"], registry=r)
-        for outcome in ("accepted", "rejected", "dead_lettered", "replayed"):
+        for outcome in ("accepted", "rejected", "dead_lettered", "replayed", "skipped"):
             self.commands.labels(outcome)  # present at zero from the start, as rates need
         for reason in ("raced", "offset_gap", "database_unavailable", "answers_failed"):
             self.retries.labels(reason)
@@ -72,8 +78,10 @@ class WriterMetrics:
         self.commands.labels("rejected").inc(report.rejected)
         self.commands.labels("dead_lettered").inc(report.dead_lettered)
         self.commands.labels("replayed").inc(report.replayed)
+        self.commands.labels("skipped").inc(report.skipped)
         self.batch_records.observe(records)
         self.batch_seconds.observe(seconds)
+        self.last_batch.set_to_current_time()
 
     def partitions(self, applied_to: Mapping[int, int], highwater: Mapping[int, int | None],
                    answered: Mapping[int, int]) -> None:

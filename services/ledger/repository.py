@@ -134,14 +134,15 @@ async def save_answered(conn: asyncpg.Connection, topic: str, answered: dict[int
     )
 
 
-async def stored_offsets(conn: asyncpg.Connection, topic: str) -> dict[int, int]:
-    """Where a writer that takes over a partition starts reading: the first record whose answer
-    may not have reached Kafka (the records from there to the next offset are answered again)."""
+async def stored_offsets(conn: asyncpg.Connection, topic: str) -> dict[int, tuple[int, int]]:
+    """Per partition (start, next): where a writer that takes over a partition starts reading,
+    the first record whose answer may not have reached Kafka (the records from there to the next
+    offset are answered again), and the next record to apply."""
     rows = await conn.fetch(
-        """SELECT partition, coalesce(answered_offset, next_offset) AS start
+        """SELECT partition, coalesce(answered_offset, next_offset) AS start, next_offset
            FROM ledger.consumed_offsets WHERE topic = $1""", topic
     )
-    return {r["partition"]: r["start"] for r in rows}
+    return {r["partition"]: (r["start"], r["next_offset"]) for r in rows}
 
 
 @dataclass(frozen=True, slots=True)

@@ -288,9 +288,9 @@ async def test_every_bad_record_gets_a_code_or_a_dead_letter(
     # The operator's view says the same: what /metrics would serve, per outcome.
     counted = {outcome: writer.metrics.registry.get_sample_value(
                    "harbour_ledger_commands_total", {"outcome": outcome})
-               for outcome in ("accepted", "rejected", "dead_lettered", "replayed")}
+               for outcome in ("accepted", "rejected", "dead_lettered", "replayed", "skipped")}
     assert counted == {"accepted": len(accepted), "rejected": len(refused),
-                       "dead_lettered": len(dead_letters), "replayed": 0}
+                       "dead_lettered": len(dead_letters), "replayed": 0, "skipped": 0}
 
     by_id = {a["command_id"]: a for a in refused}
     expected_rejections = {e[1]: e[2] for _, _, e in cases if e[0] == "rejected"}

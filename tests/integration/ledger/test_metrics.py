@@ -61,8 +61,11 @@ async def test_metrics_count_what_the_ledger_decided(
         await R.wait_applied_and_relayed(pool, commands, total, timeout_s=60, procs=procs)
 
         async def answered_everything() -> bool:
-            unanswered = _by_label(await asyncio.to_thread(_scrape, port),
-                                   "harbour_ledger_unanswered")
+            try:
+                scraped = await asyncio.to_thread(_scrape, port)
+            except OSError:  # not serving yet
+                return False
+            unanswered = _by_label(scraped, "harbour_ledger_unanswered")
             return bool(unanswered) and not any(unanswered.values())
 
         await R.wait_for("the unanswered gauges to reach 0", answered_everything, timeout_s=10,
@@ -74,13 +77,14 @@ async def test_metrics_count_what_the_ledger_decided(
     assert rejected > 0  # the scenario exercises rejections
     assert _by_label(samples, "harbour_ledger_commands_total") == {
         "accepted": total - len(garbage) - rejected, "rejected": rejected,
-        "dead_lettered": len(garbage), "replayed": 0}
+        "dead_lettered": len(garbage), "replayed": 0, "skipped": 0}
     lag = _by_label(samples, "harbour_ledger_consumer_lag")
     assert set(lag) == {"0", "1", "2", "3"} and not any(lag.values()), lag
     batches = samples[("harbour_ledger_batch_records_count", ())]
     assert batches >= 1
     assert samples[("harbour_ledger_batch_records_sum", ())] == total
     assert samples[("harbour_ledger_batch_seconds_count", ())] == batches
+    assert samples[("harbour_ledger_last_batch_timestamp_seconds", ())] > 0
     assert samples[("harbour_ledger_answers_spilled_total", ())] == 0
     # The in-process relay (expiry answers, refused answers): leading, idle, no errors.
     assert samples[("harbour_ledger_relay_leader", ())] == 1

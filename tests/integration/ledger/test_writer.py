@@ -72,6 +72,7 @@ async def test_redelivered_records_are_skipped_and_retries_replay(pool: asyncpg.
     # not have reached Kafka, so they are given again, word for word, and nothing moves.
     again = await writer.apply_batch(first)
     assert (again.replayed, again.applied, again.skipped) == (len(first), 0, 0)
+    assert (again.accepted, again.rejected, again.dead_lettered) == (0, 0, 0)  # replayed only
     assert [(m.topic, m.key, _without_stamps(m.value)) for m in again.answers] == [
         (m.topic, m.key, _without_stamps(m.value)) for m in original.answers]
     assert again.answered_to == {0: len(first)}
