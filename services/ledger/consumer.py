@@ -230,6 +230,8 @@ class WriterLoop:
                     next_expiry = now + self._expiry_interval_s
         finally:
             gauges.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await gauges
             for task in (inflight, sweep):
                 if task is not None:
                     with contextlib.suppress(Exception):
@@ -305,11 +307,14 @@ class WriterLoop:
         """Lag and unanswered once a second, from a task of their own: a batch that hangs (a
         lock wait, a database gone) must show as a growing lag, not as the last value."""
         while True:
-            owned = {tp.partition: tp for tp in self.consumer.assignment()}
-            self.metrics.partitions(
-                {p: o for p, o in self._applied_to.items() if p in owned},
-                {p: self.consumer.highwater(tp) for p, tp in owned.items()},
-                self.answers.acknowledged)
+            try:
+                owned = {tp.partition: tp for tp in self.consumer.assignment()}
+                self.metrics.partitions(
+                    {p: o for p, o in self._applied_to.items() if p in owned},
+                    {p: self.consumer.highwater(tp) for p, tp in owned.items()},
+                    self.answers.acknowledged)
+            except Exception:  # figures are never worth stopping for; the next round tries
+                log.debug("metrics refresh failed", exc_info=True)
             await asyncio.sleep(1.0)
 
     def forget(self, partitions: list[int]) -> None:
