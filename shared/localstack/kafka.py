@@ -95,8 +95,11 @@ class LocalKafka:
         if (self.home / "data" / "meta.properties").exists():
             return
         cluster_id = base64.urlsafe_b64encode(uuid.uuid4().bytes).decode().rstrip("=")
+        # "--cluster-id=ID", not "-t ID": one id in 64 starts with "-", which the tool's
+        # argument parser takes for an option, and the broker never starts (seen in a test run).
         subprocess.run(
-            self._java("kafka.tools.StorageTool", "format", "-t", cluster_id, "-c", str(config)),
+            self._java("kafka.tools.StorageTool", "format", f"--cluster-id={cluster_id}",
+                       "--config", str(config)),
             check=True, capture_output=True, timeout=120,
         )
 

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import base64
+import uuid
+from pathlib import Path
+
 import asyncpg
+import pytest
 from aiokafka import AIOKafkaConsumer, AIOKafkaProducer
 
+from shared.config import StackSettings
 from shared.store.migrate import discover, migrate
 
 pytestmark = [__import__("pytest").mark.integration]
@@ -43,3 +49,20 @@ async def test_postgres_is_real_and_migrated(pool: asyncpg.Pool) -> None:
 
 async def test_migrate_twice_is_a_no_op(db_url: str) -> None:
     assert await migrate(db_url) == []
+
+
+def test_local_kafka_formats_storage_whatever_its_cluster_id(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # One random cluster id in 64 begins with "-"; passed as "-t <id>", Kafka's storage tool
+    # took it for an option and the broker never started (a flaky CI run).
+    from shared.localstack import kafka as lk
+
+    lib = lk.fetch_kafka_jars(StackSettings().cache_dir, StackSettings().kafka_version)
+    dashed = uuid.UUID(bytes=b"\xf8" + bytes(15))
+    assert base64.urlsafe_b64encode(dashed.bytes).decode().startswith("-")
+    monkeypatch.setattr(lk.uuid, "uuid4", lambda: dashed)
+    broker = lk.LocalKafka(tmp_path / "kafka", 1, 2, lib)
+    broker.home.mkdir(parents=True)
+    broker._format_storage(broker._write_config())
+    meta = (tmp_path / "kafka" / "data" / "meta.properties").read_text()
+    assert "cluster.id=-" in meta
