@@ -24,11 +24,13 @@ from shared.clock import Clock, SystemClock
 from shared.config import KafkaSettings, PostgresSettings
 from shared.messaging.broker import make_broker
 from shared.messaging.dlq import DeadLetterMiddleware
+from shared.metrics import serve_metrics
 from shared.runtime import run_service
 from shared.store.outbox import OutboxRelay
 from shared.store.pool import create_pool
 
 from . import domain as dm
+from .metrics import DepositsMetrics
 from .router import build_router
 from .service import DepositsService, Outcome, Topics
 from .settings import DepositsSettings
@@ -101,9 +103,11 @@ async def run_deposits(
     *,
     clock: Clock | None = None,
     started: Callable[[DepositsService], Awaitable[None] | None] | None = None,
+    metrics: DepositsMetrics | None = None,
 ) -> None:
     """Run the subscribers, the relay and the scheduler until ``stop`` is set."""
     clock = clock or SystemClock()
+    metrics = metrics or DepositsMetrics()
     # No reset query on release (asyncpg's default is a round trip per message): this service
     # leaves no session state behind (no LISTEN, no session locks, statements only in the
     # transactions they open). The relay, which LISTENs and holds a session lock, gets its own
@@ -122,7 +126,8 @@ async def run_deposits(
 
     # FastStream logs every record at INFO by default: per-record lines belong at DEBUG.
     broker = make_broker(kafka, dead_letters=DeadLetterMiddleware(
-        max_attempts=settings.max_attempts), log_level=logging.DEBUG)
+        max_attempts=settings.max_attempts), middlewares=[metrics.middleware()],
+        log_level=logging.DEBUG)
     broker.include_router(build_router(service, settings, after=wake_queues))
     relay = OutboxRelay(postgres.database_url, "deposits", kafka.kafka_bootstrap,
                         batch_size=settings.relay_batch,
@@ -130,7 +135,12 @@ async def run_deposits(
                         producer_options={"linger_ms": settings.relay_linger_ms})
     scheduler = Scheduler(service, clock, tick_interval_s=settings.tick_interval_s,
                           queue_retry_interval_s=settings.queue_retry_interval_s)
+    metrics.watch(scheduler=scheduler, relay=relay.stats)
+    serve_metrics(metrics.registry, settings.metrics_port)
     tasks: list[asyncio.Task[None]] = []
+    gauges = asyncio.create_task(
+        _refresh_queue_gauges(service, metrics, settings.metrics_refresh_s),
+        name="deposits-metrics")
     try:
         tasks.append(asyncio.create_task(relay.run(), name="deposits-relay"))
         await broker.start()
@@ -151,10 +161,23 @@ async def run_deposits(
             await broker.stop()
         scheduler.stop()
         relay.stop()
+        gauges.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await gauges
         for task in tasks:
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(task, timeout=15)
         await pool.close()
+
+
+async def _refresh_queue_gauges(service: DepositsService, metrics: DepositsMetrics,
+                                every_s: float) -> None:
+    while True:
+        try:
+            metrics.queues(await service.queue_stats())
+        except Exception:  # figures are never worth stopping for; the next round tries
+            log.warning("settlement queue gauges not refreshed", exc_info=True)
+        await asyncio.sleep(every_s)
 
 
 async def _no_reset(_: object) -> None:

@@ -301,6 +301,7 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
         "HARBOUR_DEPOSITS_GROUP_ID": group,
         "HARBOUR_DEPOSITS_WORKERS": str(cfg.workers),
         "HARBOUR_DEPOSITS_RELAY_POLL_S": "0.2",
+        "HARBOUR_DEPOSITS_METRICS_PORT": "0",
         "HARBOUR_DEPOSITS_CONFIG_JSON": BENCH_CONFIG.model_dump_json(),
     }, workdir / "deposits.log")
     services = (ledger, deposits)

@@ -245,6 +245,16 @@ class DepositsService:
             "UPDATE deposits.transfers SET next_wakeup_at = $2 WHERE uetr = $1",
             stream.split(":", 1)[1], until)
 
+    async def queue_stats(self) -> dict[str, tuple[int, float]]:
+        """Per settlement queue: how many transfers wait and how long (seconds, by this
+        service's clock) the head has waited."""
+        rows = await self._pool.fetch(
+            """SELECT queue_key, count(*) AS depth, min(queued_since) AS oldest
+               FROM deposits.transfers WHERE queue_key IS NOT NULL GROUP BY queue_key""")
+        now = self.clock.now()
+        return {r["queue_key"]: (r["depth"], max(0.0, (now - r["oldest"]).total_seconds()))
+                for r in rows}
+
     async def queue_keys(self) -> list[str]:
         """Every settlement queue that holds at least one transfer."""
         rows = await self._pool.fetch(

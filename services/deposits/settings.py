@@ -80,6 +80,10 @@ class DepositsSettings(BaseSettings):
     pool_size: int = Field(10, ge=2)
     state_cache: int = Field(20_000, ge=0)
     """Decided stream states kept in memory (only newer events are read from the store)."""
+    metrics_port: int = Field(9102, ge=0, le=65535)
+    """Prometheus ``/metrics`` (services/deposits/metrics.py) on this port; 0: none."""
+    metrics_refresh_s: float = Field(5.0, gt=0)
+    """How often the settlement-queue gauges are read from the database."""
     config_json: str | None = None
     config_file: Path | None = None
 

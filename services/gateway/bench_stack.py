@@ -141,6 +141,7 @@ class BenchStack:
                          workdir / "ledger.log")
         deposits = ServiceProcess("deposits", {
             **base, "HARBOUR_DEPOSITS_COMMANDS_TOPIC": self.topics["commands"].name,
+            "HARBOUR_DEPOSITS_METRICS_PORT": "0",
             "HARBOUR_DEPOSITS_EVENTS_TOPIC": self.topics["events"].name,
             "HARBOUR_DEPOSITS_LEDGER_COMMANDS_TOPIC": self.topics["ledger"].name,
             "HARBOUR_DEPOSITS_LEDGER_RESULTS_TOPIC": self.topics["reply"].name,

@@ -19,12 +19,12 @@ import subprocess
 import asyncpg
 
 from shared.config import KafkaSettings, PostgresSettings
+from shared.metrics import serve_metrics
 from shared.runtime import run_service
 from shared.store.outbox import OutboxRelay
 
 from .consumer import WriterLoop
 from .metrics import WriterMetrics
-from .metrics import serve as serve_metrics
 from .relay import spawn_child
 from .settings import ANSWERS_RETENTION, LedgerSettings
 from .writer import LedgerWriter
@@ -49,7 +49,7 @@ async def run_ledger(
     # One group member per process; scale out with more processes. (Two members in one process
     # rebalanced each other under load.)
     metrics = WriterMetrics()
-    serve_metrics(metrics, settings.metrics_port)
+    serve_metrics(metrics.registry, settings.metrics_port)
     writers = [
         WriterLoop(pool, ledger, kafka.kafka_bootstrap, topic=settings.commands_topic,
                    group_id=settings.group_id, max_records=settings.max_batch,

@@ -6,24 +6,20 @@ and how many applied records still wait for their answer to reach Kafka (unanswe
 lag means the ledger falls behind its clients; unanswered records that stay above zero mean
 answers are not getting out (the writer answers them again from the stored watermark).
 
-Each writer loop has its own registry, so several loops in one process (tests) never clash on
-Prometheus' global metric names; the service serves its one loop's registry.
+Each writer loop has its own registry (see ``shared.metrics``); the service serves its one
+loop's registry.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from shared.metrics import RelayCollector
 from shared.store.outbox import RelayStats
 
 from .writer import BatchReport
-
-log = logging.getLogger(__name__)
 
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 _RECORDS = (1, 10, 50, 100, 250, 500, 1000, 2000, 5000)
@@ -71,7 +67,7 @@ class WriterMetrics:
     def watch_relay(self, stats: RelayStats) -> None:
         """Also serve the in-process outbox relay's counters (it carries expiry answers and
         answers Kafka refused)."""
-        self.registry.register(_RelayCollector(stats))
+        self.registry.register(RelayCollector("harbour_ledger", stats))
 
     def batch(self, report: BatchReport, records: int, seconds: float) -> None:
         self.commands.labels("accepted").inc(report.accepted)
@@ -99,36 +95,3 @@ class WriterMetrics:
         for partition in partitions:
             for gauge in (self.lag, self.unanswered):
                 gauge.remove(str(partition))  # a no-op for a label never set
-
-
-class _RelayCollector(Collector):
-    """Read at scrape time: the relay keeps plain counters, and ints are read whole."""
-
-    def __init__(self, stats: RelayStats) -> None:
-        self._stats = stats
-
-    def collect(self) -> Iterable[Metric]:
-        yield CounterMetricFamily(
-            "harbour_ledger_relay_published", "Outbox rows the relay published",
-            value=self._stats.published)
-        yield CounterMetricFamily(
-            "harbour_ledger_relay_errors", "Relay rounds that failed (logged; the rows are "
-            "retried)", value=self._stats.errors)
-        yield GaugeMetricFamily(
-            "harbour_ledger_relay_leader", "1 while this process's relay holds the outbox lock "
-            "and publishes (one relay per database does; others stand by)",
-            value=int(self._stats.is_leader))
-
-
-def serve(metrics: WriterMetrics, port: int, host: str = "0.0.0.0") -> bool:
-    """Serve ``/metrics`` on ``port`` (0: not at all). A port already taken is logged, not
-    fatal: settlement must not stop for want of a metrics endpoint."""
-    if port == 0:
-        return False
-    try:
-        start_http_server(port, addr=host, registry=metrics.registry)
-    except OSError as exc:
-        log.error("metrics endpoint not started on port %d: %s", port, exc)
-        return False
-    log.info("metrics on http://%s:%d/metrics", host, port)
-    return True

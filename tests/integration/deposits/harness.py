@@ -33,6 +33,7 @@ from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
 from services.deposits import accounts as acc
 from services.deposits import calendar as cal
 from services.deposits.app import run_deposits
+from services.deposits.metrics import DepositsMetrics
 from services.deposits.service import DepositsService
 from services.deposits.settings import DepositsSettings
 from services.ledger.consumer import WriterLoop
@@ -229,6 +230,7 @@ class World:
         self._deposits_stop: asyncio.Event | None = None
         self._deposits_task: asyncio.Task[None] | None = None
         self.service: DepositsService | None = None
+        self.metrics = DepositsMetrics()  # of the in-process service, fresh for each start
         self.process: DepositsProcess | None = None
 
     # --- life cycle ----------------------------------------------------------------------------
@@ -238,7 +240,7 @@ class World:
             commands_topic=self.commands, events_topic=self.events,
             ledger_commands_topic=self.ledger_commands, ledger_results_topic=self.reply_topic,
             group_id=self.group, tick_interval_s=0.1, queue_retry_interval_s=0.5,
-            relay_poll_s=0.2, max_attempts=3,
+            relay_poll_s=0.2, max_attempts=3, metrics_port=0, metrics_refresh_s=0.2,
             config_json=self.config.model_dump_json(), **overrides)
 
     def env(self) -> dict[str, str]:
@@ -253,6 +255,7 @@ class World:
             "HARBOUR_DEPOSITS_TICK_INTERVAL_S": str(s.tick_interval_s),
             "HARBOUR_DEPOSITS_QUEUE_RETRY_INTERVAL_S": str(s.queue_retry_interval_s),
             "HARBOUR_DEPOSITS_RELAY_POLL_S": str(s.relay_poll_s),
+            "HARBOUR_DEPOSITS_METRICS_PORT": "0",
             "HARBOUR_DEPOSITS_CONFIG_JSON": s.config_json or "",
         }
 
@@ -292,10 +295,11 @@ class World:
             ready.set()
 
         self._deposits_stop = stop
+        self.metrics = DepositsMetrics()
         self._deposits_task = asyncio.create_task(run_deposits(
             KafkaSettings(kafka_bootstrap=self.bootstrap, client_id="test-deposits"),
             PostgresSettings(database_url=self.db_url), self.settings(**overrides), stop,
-            clock=self.clock, started=started), name="deposits")
+            clock=self.clock, started=started, metrics=self.metrics), name="deposits")
         done, _ = await asyncio.wait([self._deposits_task, asyncio.create_task(ready.wait())],
                                      return_when=asyncio.FIRST_COMPLETED)
         if self._deposits_task in done:

@@ -18,6 +18,7 @@ from shared.events import deposits as ev
 from shared.events.topics import TopicSpec, dlq_topic
 from shared.messaging.admin import ensure_topics
 from tests.integration.deposits.harness import HASE, HSBC, World, hkt, read_all
+from tests.support.ledger_run import wait_for
 
 ALICE_HKD = acc.wallet_account(HSBC, "HKD", "alice")
 BOB_HKD = acc.wallet_account(HASE, "HKD", "bob")
@@ -142,6 +143,16 @@ async def test_an_underfunded_transfer_queues_and_settles_once_funded(world: Wor
     rows = await world.pool.fetch("SELECT uetr FROM deposits.transfers WHERE queue_key = $1 "
                                   "ORDER BY queued_since, uetr", f"{HSBC}:HKD")
     assert [r["uetr"] for r in rows] == [first, second]
+    # What ops see on /metrics: two waiting, the head for a second by the service's clock.
+    queue = {"queue": f"{HSBC}:HKD"}
+    def gauge(name: str) -> float | None:
+        return world.metrics.registry.get_sample_value(name, queue)
+
+    async def depth_is(n: int) -> bool:
+        return gauge("harbour_deposits_queue_depth") == n
+
+    await wait_for("the queue gauge to show both", lambda: depth_is(2), timeout_s=10)
+    assert gauge("harbour_deposits_queue_oldest_seconds") == 1.0
     assert {await _status(world, first), await _status(world, second)} <= {"queued", "settling"}
     await world.fund(HSBC, "HKD", "50.00")
     assert isinstance(await world.final(first), ev.TransferSettled)
@@ -151,6 +162,11 @@ async def test_an_underfunded_transfer_queues_and_settles_once_funded(world: Wor
     assert await world.balance(BOB_HKD) == 11000
     assert await world.balance(acc.settlement_account(HSBC, "HKD")) == 0
     await world.assert_books()
+    await wait_for("the queue gauge to drain", lambda: depth_is(0), timeout_s=10)
+    handled = world.metrics.registry.get_sample_value  # FastStream's middleware, same registry
+    assert any((handled("harbour_received_messages_total", {
+        "app_name": "harbour-deposits", "broker": "kafka", "handler": handler}) or 0) > 0
+        for handler in (world.commands, world.reply_topic))
 
 
 async def test_a_transfer_instructed_outside_its_window_settles_when_it_opens(
