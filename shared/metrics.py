@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 
-from prometheus_client import CollectorRegistry, start_http_server
+from prometheus_client import REGISTRY, CollectorRegistry, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -22,17 +22,32 @@ log = logging.getLogger(__name__)
 
 
 def serve_metrics(registry: CollectorRegistry, port: int, host: str = "0.0.0.0") -> bool:
-    """Serve ``registry`` at ``/metrics`` on ``port`` (0: not at all). A port already taken is
+    """Serve ``registry`` at ``/metrics`` on ``port`` (0: not at all), together with the
+    process-wide default registry: the process's CPU and memory, and the dead-letter counters
+    (``shared.messaging.dlq``), which are registered once per process. A port already taken is
     logged, not fatal: settlement must not stop for want of a metrics endpoint."""
     if port == 0:
         return False
     try:
-        start_http_server(port, addr=host, registry=registry)
+        served = CollectorRegistry()
+        served.register(_Forward(registry))
+        served.register(_Forward(REGISTRY))
+        start_http_server(port, addr=host, registry=served)
     except OSError as exc:
         log.error("metrics endpoint not started on port %d: %s", port, exc)
         return False
     log.info("metrics on http://%s:%d/metrics", host, port)
     return True
+
+
+class _Forward(Collector):
+    """A registry's metrics, collected into another (served ones never share a name)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self._registry = registry
+
+    def collect(self) -> Iterable[Metric]:
+        yield from self._registry.collect()
 
 
 class RelayCollector(Collector):

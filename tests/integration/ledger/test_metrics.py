@@ -86,6 +86,8 @@ async def test_metrics_count_what_the_ledger_decided(
     assert samples[("harbour_ledger_batch_seconds_count", ())] == batches
     assert samples[("harbour_ledger_last_batch_timestamp_seconds", ())] > 0
     assert samples[("harbour_ledger_answers_spilled_total", ())] == 0
+    # The process itself comes from the process-wide registry, served alongside.
+    assert samples[("process_resident_memory_bytes", ())] > 0
     # The in-process relay (expiry answers, refused answers): leading, idle, no errors.
     assert samples[("harbour_ledger_relay_leader", ())] == 1
     assert samples[("harbour_ledger_relay_published_total", ())] == 0
