@@ -4,7 +4,7 @@ Order (issue 2, STYLE.md section 5):
 1. ``HARBOUR_KAFKA_BOOTSTRAP`` / ``HARBOUR_DATABASE_URL`` set: use them, start nothing.
 2. A Docker engine answers: pinned ``apache/kafka`` (KRaft) and ``postgres`` containers.
 3. Otherwise: the same local stack as ``make up`` (Maven-fetched Apache Kafka, embedded PostgreSQL),
-   started once per test session under ``.harbour/test`` on ports of its own.
+   started once per test session under ``.harbour/test/run-<pid>`` on ports of its own.
 Integration tests never skip: if none of the three works, the session fails saying what is missing.
 """
 
@@ -81,9 +81,14 @@ def _local_stack(stack: ExitStack) -> tuple[str, str]:
     from shared.localstack.postgres import LocalPostgres
 
     settings = StackSettings()
-    home = _REPO / ".harbour" / "test"
-    # A fresh broker and cluster per session: nothing a previous run left can mask a bug.
+    # A fresh broker and cluster per session, in a directory of its own: nothing a previous run
+    # left can mask a bug, and two sessions at once (a developer's, an editor's) cannot delete
+    # each other's data. Directories of sessions that are gone are removed here.
+    runs = _REPO / ".harbour" / "test"
+    _remove_dead_runs(runs)
+    home = runs / f"run-{os.getpid()}"
     shutil.rmtree(home, ignore_errors=True)
+    stack.callback(shutil.rmtree, home, True)
     lib = fetch_kafka_jars(settings.cache_dir, settings.kafka_version)
     kafka = LocalKafka(home / "kafka", _free_port(), _free_port(), lib)
     postgres = LocalPostgres(home / "postgres", _free_port())
@@ -92,6 +97,16 @@ def _local_stack(stack: ExitStack) -> tuple[str, str]:
     stack.callback(postgres.stop)
     postgres.start()
     return kafka.bootstrap, postgres.url
+
+
+def _remove_dead_runs(runs: Path) -> None:
+    for run in runs.glob("run-*"):
+        try:
+            os.kill(int(run.name.removeprefix("run-")), 0)
+        except ProcessLookupError:
+            shutil.rmtree(run, ignore_errors=True)
+        except (ValueError, PermissionError):  # not ours to judge
+            continue
 
 
 def start_backends(stack: ExitStack, log: Callable[[str], None]) -> tuple[str, str]:
