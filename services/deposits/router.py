@@ -38,6 +38,11 @@ _decode_result = typed_decoder(PostingAccepted, PostingRejected)
 AfterHook = Callable[[Outcome], Awaitable[None]]
 
 
+async def _raw(msg: KafkaMessage) -> bytes:
+    """The record's value, undecoded: the envelope decoders above are the strict ones."""
+    return bytes(msg.body)
+
+
 async def _nothing(_: Outcome) -> None:
     return None
 
@@ -62,14 +67,16 @@ def build_router(service: DepositsService, settings: DepositsSettings, *,
         except Exception:  # the message is committed; a lost wake-up is retried periodically
             log.exception("post-commit hook failed for %s", outcome.stream)
 
-    @router.subscriber(settings.commands_topic, **options)
-    async def on_command(msg: KafkaMessage) -> None:
-        envelope, payload = decode(msg.body)
+    # The record's bytes as the handler's one argument (``_raw``), not the message through
+    # FastStream's Context: fast_depends resolves that field in a worker thread for every record.
+    @router.subscriber(settings.commands_topic, decoder=_raw, **options)
+    async def on_command(body: bytes) -> None:
+        envelope, payload = decode(body)
         await finish(await service.handle_command(envelope, payload))
 
-    @router.subscriber(settings.ledger_results_topic, **options)
-    async def on_ledger_result(msg: KafkaMessage) -> None:
-        envelope, payload = _decode_result(msg.body)
+    @router.subscriber(settings.ledger_results_topic, decoder=_raw, **options)
+    async def on_ledger_result(body: bytes) -> None:
+        envelope, payload = _decode_result(body)
         await finish(await service.handle_ledger_result(envelope, payload))
 
     return router
