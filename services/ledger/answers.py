@@ -140,6 +140,12 @@ class AnswerPublisher:
         self.acknowledged.update(stored)
         self._stored.update(stored)
 
+    def forget(self, partitions: Collection[int]) -> None:
+        """Partitions given up in a rebalance: their watermarks are another writer's now."""
+        for partition in partitions:
+            self.acknowledged.pop(partition, None)
+            self._stored.pop(partition, None)
+
     def reset_failure(self) -> None:
         self.failed = None
 

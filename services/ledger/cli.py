@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from datetime import datetime
 from pathlib import Path
@@ -92,11 +93,7 @@ def progress(as_json: bool = typer.Option(False, "--json", help="one JSON object
     partitions, waiting = asyncio.run(run())
     if as_json:
         for p in partitions:
-            typer.echo(json.dumps({"topic": p.topic, "partition": p.partition,
-                                   "next_offset": p.next_offset,
-                                   "answered_offset": p.answered_offset,
-                                   "unanswered": p.unanswered,
-                                   "chain_sequence": p.chain_sequence}))
+            typer.echo(json.dumps({**dataclasses.asdict(p), "unanswered": p.unanswered}))
         typer.echo(json.dumps({"outbox_waiting": waiting}))
         return
     table = Table("topic", "partition", "next offset", "answered to", "unanswered", "chain")

@@ -321,7 +321,7 @@ class WriterLoop:
         """Partitions lost in a rebalance: their progress figures are another writer's now."""
         for partition in partitions:
             self._applied_to.pop(partition, None)
-            self.answers.acknowledged.pop(partition, None)
+        self.answers.forget(partitions)
         self.unseeked = {tp for tp in self.unseeked if tp.partition not in partitions}
         self.metrics.forget(partitions)
 

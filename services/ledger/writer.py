@@ -156,15 +156,19 @@ class LedgerWriter:
                 results = iter(applied)
                 for r, x in live:  # record order, so replies and dead letters keep it too
                     # A replayed record is answered again and counted as replayed only.
-                    counts = report if r.offset >= progress.next[r.partition] else None
+                    fresh_record = r.offset >= progress.next[r.partition]
                     if isinstance(x, DeadLetter):
                         batch.outbox.append(self._dead_letter(r, x))
-                        if counts is not None:
-                            counts.dead_lettered += 1
+                        if fresh_record:
+                            report.dead_lettered += 1
                     else:
                         _, _, result = next(results)
-                        self._walk(state, batch, r.partition, x, result, now, counts,
+                        self._walk(state, batch, r.partition, x, result, now,
                                    (r.partition, r.offset))
+                        if fresh_record and result.accepted:
+                            report.accepted += 1
+                        elif fresh_record:
+                            report.rejected += 1
             finally:
                 await asyncio.wait([balances])  # never leave a statement running on conn
             balances.result()
@@ -185,7 +189,6 @@ class LedgerWriter:
         The expiry goes into the pending's own partition chain, under the same offsets-row lock
         the batches take, so a chain never has two writers at once.
         """
-        report = BatchReport()
         async with self._pool.acquire() as conn, conn.transaction():
             now = self.clock.now()
             due = await repo.due_pendings(conn, partitions, now, limit)
@@ -205,7 +208,7 @@ class LedgerWriter:
             results = state.expire(now)
             for result in results:
                 partition = batch.partition_of[result.refs[0]]
-                self._walk(state, batch, partition, _EXPIRY_REPLY, result, now, report)
+                self._walk(state, batch, partition, _EXPIRY_REPLY, result, now)
             await self._write(conn, state, batch, d.net_deltas(results))
             # No record to answer these again from: they go through the outbox and its relay.
             await self._outbox.add_many(conn, batch.outbox)
@@ -286,12 +289,10 @@ class LedgerWriter:
         incoming: Incoming,
         result: d.Result,
         now: datetime,
-        counts: BatchReport | None,
         source: tuple[int, int] | None = None,
     ) -> None:
         """Turn one command's result (and the expiries it caused) into rows and one reply.
 
-        ``counts``: where the decision is counted (None: a replayed record, counted as such).
         ``source``: the command record's (partition, offset); None for expiries."""
         place = batch.stored_places.get(result.command_id) if result.duplicate else None
         # A duplicate replays the original Result, expired sub-results included: those were
@@ -317,10 +318,6 @@ class LedgerWriter:
             answer = replace(result, duplicate=False)
         answer_id = self._answer_id(*source) if source is not None else None
         batch.outbox.append(result_message(answer, incoming, place, now, answer_id))
-        if counts is not None and result.accepted:
-            counts.accepted += 1
-        elif counts is not None:
-            counts.rejected += 1
 
     def _journal(
         self, state: d.LedgerState, batch: _Batch, partition: int, effect: d.Result
