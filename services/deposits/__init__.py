@@ -2,5 +2,5 @@
 settlement over the Harbour ledger.
 
 ``calendar`` (business days and settlement windows), ``accounts`` (chart of accounts and
-postings) and ``domain`` (decide/evolve) are pure; the service, router and app add the I/O.
+postings) and ``domain`` (decide/evolve) are pure; the service, consumer and app add the I/O.
 """

@@ -1,4 +1,4 @@
-"""Composition root of the deposits service: pool, broker and routers, outbox relay, scheduler.
+"""Composition root of the deposits service: pool, Kafka consumer, outbox relay, scheduler.
 
 ``python -m services.deposits.app`` runs it until SIGTERM/SIGINT (``make up`` starts it under the
 supervisor). Environment: ``HARBOUR_KAFKA_BOOTSTRAP``, ``HARBOUR_DATABASE_URL`` and the
@@ -17,12 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
 from shared.clock import Clock, SystemClock
 from shared.config import KafkaSettings, PostgresSettings
-from shared.messaging.broker import make_broker
 from shared.messaging.dlq import DeadLetterMiddleware
 from shared.metrics import serve_metrics
 from shared.runtime import run_service
@@ -30,8 +29,8 @@ from shared.store.outbox import OutboxRelay
 from shared.store.pool import create_pool
 
 from . import domain as dm
+from .consumer import DepositsConsumer
 from .metrics import DepositsMetrics
-from .router import build_router
 from .service import DepositsService, Outcome, Topics
 from .settings import DepositsSettings
 
@@ -120,15 +119,16 @@ async def run_deposits(
                       ledger_commands=settings.ledger_commands_topic,
                       ledger_results=settings.ledger_results_topic))
 
-    async def wake_queues(outcome: Outcome) -> None:
-        if outcome.wake_queues:
-            await service.dispatch(outcome.wake_queues)
+    async def wake_queues(outcomes: Sequence[Outcome]) -> None:
+        keys = frozenset().union(*(o.wake_queues for o in outcomes if o.refusal is None))
+        if keys:
+            await service.dispatch(keys)
 
-    # FastStream logs every record at INFO by default: per-record lines belong at DEBUG.
-    broker = make_broker(kafka, dead_letters=DeadLetterMiddleware(
-        max_attempts=settings.max_attempts), middlewares=[metrics.middleware()],
-        log_level=logging.DEBUG)
-    broker.include_router(build_router(service, settings, after=wake_queues))
+    consumer = DepositsConsumer(
+        service, kafka.kafka_bootstrap, commands_topic=settings.commands_topic,
+        results_topic=settings.ledger_results_topic, group_id=settings.group_id,
+        policy=DeadLetterMiddleware(max_attempts=settings.max_attempts), metrics=metrics,
+        after=wake_queues, max_records=settings.max_batch, client_id=kafka.client_id)
     relay = OutboxRelay(postgres.database_url, "deposits", kafka.kafka_bootstrap,
                         batch_size=settings.relay_batch,
                         poll_interval_s=settings.relay_poll_s,
@@ -143,7 +143,7 @@ async def run_deposits(
         name="deposits-metrics")
     try:
         tasks.append(asyncio.create_task(relay.run(), name="deposits-relay"))
-        await broker.start()
+        tasks.append(asyncio.create_task(consumer.run(), name="deposits-consumer"))
         tasks.append(asyncio.create_task(scheduler.run(), name="deposits-scheduler"))
         if started is not None:
             maybe = started(service)
@@ -156,9 +156,13 @@ async def run_deposits(
                 raise task.exception()  # type: ignore[misc]
         stopped.cancel()
     finally:
-        # Consumers first (no new work), then the scheduler, then the relay drains what is left.
-        with contextlib.suppress(Exception):
-            await broker.stop()
+        # The consumer first (no new work), then the scheduler, then the relay drains what is
+        # left.
+        consumer.stop()
+        consumer_task = next((t for t in tasks if t.get_name() == "deposits-consumer"), None)
+        if consumer_task is not None:
+            with contextlib.suppress(asyncio.TimeoutError, Exception):
+                await asyncio.wait_for(consumer_task, timeout=15)
         scheduler.stop()
         relay.stop()
         gauges.cancel()

@@ -81,7 +81,7 @@ class DepositsBenchConfig:
     rate: int = 500
     duration_s: float = 10.0
     wallets: int = 20
-    workers: int = 4
+    max_batch: int = 500
     keep: bool = False
     seed: int = 7
     stall_s: float = 60.0
@@ -299,7 +299,7 @@ async def run_bench(cfg: DepositsBenchConfig, say: Say) -> DepositsBenchReport:
         "HARBOUR_DEPOSITS_LEDGER_COMMANDS_TOPIC": topics["ledger"].name,
         "HARBOUR_DEPOSITS_LEDGER_RESULTS_TOPIC": topics["reply"].name,
         "HARBOUR_DEPOSITS_GROUP_ID": group,
-        "HARBOUR_DEPOSITS_WORKERS": str(cfg.workers),
+        "HARBOUR_DEPOSITS_MAX_BATCH": str(cfg.max_batch),
         "HARBOUR_DEPOSITS_RELAY_POLL_S": "0.2",
         "HARBOUR_DEPOSITS_METRICS_PORT": "0",
         "HARBOUR_DEPOSITS_CONFIG_JSON": BENCH_CONFIG.model_dump_json(),
@@ -455,7 +455,8 @@ def command(
     duration_s: float = typer.Option(10.0, "--duration-s", min=0.1,
                                      help="how long the latency load is offered"),
     wallets: int = typer.Option(20, "--wallets", min=1, help="wallets per bank"),
-    workers: int = typer.Option(4, "--workers", min=1, help="deposits consumers per topic"),
+    max_batch: int = typer.Option(500, "--max-batch", min=1,
+                                  help="records per deposits batch at most"),
     keep: bool = typer.Option(False, "--keep", help="keep the database and topics afterwards"),
     json_path: Path | None = typer.Option(None, "--json", help="write the report as JSON here"),
 ) -> None:
@@ -472,7 +473,8 @@ def command(
     console = Console(width=None if sys.stdout.isatty() else 150)
     cfg = DepositsBenchConfig(
         bootstrap=KafkaSettings().kafka_bootstrap, database_url=PostgresSettings().database_url,
-        transfers=transfers, rate=rate, duration_s=duration_s, wallets=wallets, workers=workers,
+        transfers=transfers, rate=rate, duration_s=duration_s, wallets=wallets,
+        max_batch=max_batch,
         keep=keep)
     report = asyncio.run(run_bench(cfg, lambda line: console.print(f"[bold cyan]bench[/] {line}")))
     render(report, console)

@@ -1,10 +1,7 @@
 """Prometheus metrics of the deposits service (``/metrics``, ``HARBOUR_DEPOSITS_METRICS_PORT``).
 
-Messages handled per subscriber, with their duration and outcome, come from FastStream's own
-Prometheus middleware (``harbour_received_messages_total``,
-``harbour_received_processed_messages_duration_seconds`` and the rest, labelled by handler and
-status). On top of those, what only this service knows:
-
+- the consumer (``consumer.py``): messages by outcome, batch sizes and durations, batches read
+  again or handled one at a time, the time of the last batch;
 - the settlement queues (TD-5): an underfunded interbank transfer waits in its payer bank's queue
   for the currency, neither rejected nor partly settled. Ops watch how many wait and how long the
   head has waited (a queue that only grows needs funding, or a cancel);
@@ -15,15 +12,17 @@ status). On top of those, what only this service knows:
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-from faststream.kafka.prometheus import KafkaPrometheusMiddleware
-from prometheus_client import CollectorRegistry, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from shared.metrics import RelayCollector
 from shared.store.outbox import RelayStats
+
+if TYPE_CHECKING:
+    from .service import Outcome
 
 
 class DepositsMetrics:
@@ -38,11 +37,34 @@ class DepositsMetrics:
             "harbour_deposits_queue_oldest_seconds", "How long the head of a settlement queue "
             "has waited", ["queue"], registry=self.registry)
         self._queues: set[str] = set()
+        self.messages = Counter(
+            "harbour_deposits_messages", "Commands and ledger answers handled, by outcome: "
+            "decided (events recorded), refused (a rule's code recorded), unchanged, duplicate, "
+            "ignored (an answer to nothing asked), dead_lettered", ["outcome"],
+            registry=self.registry)
+        self.batch_seconds = Histogram(
+            "harbour_deposits_batch_seconds", "One batch: decode, decide, record, commit",
+            buckets=(0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry)
+        self.batch_records = Histogram(
+            "harbour_deposits_batch_records", "Records per batch",
+            buckets=(1, 2, 5, 10, 25, 50, 100, 250, 500), registry=self.registry)
+        self.batch_retries = Counter(
+            "harbour_deposits_batch_retries", "Batches read again (database_unavailable) or "
+            "handled one message at a time (one_at_a_time)", ["reason"], registry=self.registry)
+        self.last_batch = Gauge(
+            "harbour_deposits_last_batch_timestamp_seconds", "When the last batch committed",
+            registry=self.registry)
 
-    def middleware(self) -> KafkaPrometheusMiddleware:
-        """FastStream's per-subscriber message metrics, into this registry."""
-        return KafkaPrometheusMiddleware(registry=self.registry, app_name="harbour-deposits",
-                                         metrics_prefix="harbour")
+    def decided(self, outcomes: Iterable[Outcome]) -> None:
+        """Count what each handled message did."""
+        for outcome in outcomes:
+            self.messages.labels(_outcome(outcome)).inc()
+
+    def batch(self, records: int, seconds: float) -> None:
+        self.batch_records.observe(records)
+        self.batch_seconds.observe(seconds)
+        self.last_batch.set_to_current_time()
 
     def watch(self, *, scheduler: _Counts, relay: RelayStats) -> None:
         self.registry.register(_SchedulerCollector(scheduler))
@@ -58,6 +80,16 @@ class DepositsMetrics:
             self.queue_depth.labels(queue).set(depth)
             self.queue_oldest.labels(queue).set(oldest_s)
         self._queues |= waiting.keys()
+
+
+def _outcome(outcome: Outcome) -> str:
+    if outcome.stream is None:
+        return "ignored"
+    if outcome.duplicate:
+        return "duplicate"
+    if outcome.refusal is not None:
+        return "refused"
+    return "decided" if outcome.events else "unchanged"
 
 
 class _Counts(Protocol):

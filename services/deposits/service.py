@@ -1,4 +1,10 @@
-"""The deposits application service: one PostgreSQL transaction per message.
+"""The deposits application service: decisions recorded in PostgreSQL, a batch or one at a time.
+
+Kafka's records arrive in batches (``consumer.py``): :meth:`DepositsService.handle_batch` reads
+what the whole batch needs in one query, decides each message in order on that view (kept current
+by the batch's own decisions, ``batch.py``) and records every decision in one transaction,
+``deposits.record_decisions`` (migration 0002). What follows describes one message; a batch does
+the same for each of its messages, with the same guards, in one round trip.
 
 Every message (a command from ``deposits.commands``, a ledger answer from the deposits reply
 topic, or an internal :class:`~services.deposits.domain.Tick` / ``RetrySettlement`` from the
@@ -25,8 +31,8 @@ scheduler) is decided and recorded as one unit of work:
 A refusal by a business rule on an existing aggregate (``DepositsError``, or ``id_conflict``)
 records nothing on the stream; it is stored in ``deposits.refusals`` with its code (audit trail,
 X-7) in the same transaction as the inbox claim, so it is answered once. Malformed input never gets
-this far: the router lets ``shared.events.envelope.decode`` raise ``ValidationError`` and the
-dead-letter middleware parks the record with the reason. Internal commands carry no envelope and
+this far: the consumer (``consumer.py``) dead-letters what ``shared.events.envelope.decode``
+refuses, with the reason. Internal commands carry no envelope and
 need no inbox: a tick that finds nothing to do records nothing.
 
 After commit the outcome says which settlement queues (TD-5) may move: the bank's settlement
@@ -55,6 +61,7 @@ from shared.errors import (
     DomainError,
     HarbourError,
     IdempotencyConflictError,
+    InfrastructureError,
     ValidationError,
 )
 from shared.events import deposits as ev
@@ -68,6 +75,9 @@ from shared.store.outbox import OutboxMessage
 
 from . import accounts as acc
 from . import domain as dm
+from .batch import READ_SQL as _READ_BATCH_SQL
+from .batch import RECORD_SQL as _RECORD_BATCH_SQL
+from .batch import BatchPlan, BatchView, refusal_row
 from .calendar import DepositsConfig
 
 __all__ = [
@@ -75,6 +85,7 @@ __all__ = [
     "CONSUMER_LEDGER_RESULTS",
     "PRODUCER",
     "DepositsService",
+    "Message",
     "Outcome",
     "Topics",
 ]
@@ -116,7 +127,7 @@ class Topics:
 
 @dataclass(frozen=True, slots=True)
 class Outcome:
-    """What one message did, for the router's logs, the dispatcher and tests."""
+    """What one message did, for the consumer's metrics, the dispatcher and tests."""
 
     stream: str | None
     events: tuple[Payload, ...] = ()
@@ -124,6 +135,19 @@ class Outcome:
     refusal: HarbourError | None = None
     wake_queues: frozenset[str] = frozenset()
     state: Any = None
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """A consumed record, decoded: which inbox consumer it belongs to, envelope and payload."""
+
+    consumer: str
+    envelope: Envelope
+    payload: Payload
+
+    @property
+    def message_id(self) -> str:
+        return str(self.envelope.event_id)
 
 
 @dataclass(slots=True)
@@ -176,25 +200,60 @@ class DepositsService:
 
     # --- entry points --------------------------------------------------------------------------
 
-    async def handle_command(self, envelope: Envelope, payload: Payload) -> Outcome:
-        """A record from ``deposits.commands``.
+    @staticmethod
+    def command_message(envelope: Envelope, payload: Payload) -> Message:
+        """A record from ``deposits.commands``, checked.
 
         Raises:
             ValidationError: ``unknown_type``: the payload is not a deposits command (an event,
-                a ledger result, another domain's command): the router dead-letters it.
+                a ledger result, another domain's command): the consumer dead-letters it.
         """
-        stream = dm.stream_of(payload)
-        if stream is None:
+        if dm.stream_of(payload) is None:
             raise ValidationError(f"{envelope.type} is not a deposits command",
                                   code="unknown_type", type=envelope.type)
-        return await self._run(CONSUMER_COMMANDS, envelope, payload, stream)
+        return Message(CONSUMER_COMMANDS, envelope, payload)
 
-    async def handle_ledger_result(self, envelope: Envelope, payload: Payload) -> Outcome:
-        """A ``PostingAccepted``/``PostingRejected`` from the deposits reply topic."""
+    @staticmethod
+    def result_message(envelope: Envelope, payload: Payload) -> Message:
+        """A ``PostingAccepted``/``PostingRejected`` from the deposits reply topic, checked."""
         if not isinstance(payload, PostingAccepted | PostingRejected):
             raise ValidationError(f"{envelope.type} is not a ledger result",
                                   code="unknown_type", type=envelope.type)
-        return await self._run(CONSUMER_LEDGER_RESULTS, envelope, payload, None)
+        return Message(CONSUMER_LEDGER_RESULTS, envelope, payload)
+
+    async def handle_command(self, envelope: Envelope, payload: Payload) -> Outcome:
+        """One record from ``deposits.commands`` in a transaction of its own."""
+        return await self.handle(self.command_message(envelope, payload))
+
+    async def handle_ledger_result(self, envelope: Envelope, payload: Payload) -> Outcome:
+        """One ledger answer in a transaction of its own."""
+        return await self.handle(self.result_message(envelope, payload))
+
+    async def handle(self, message: Message) -> Outcome:
+        """One message in a transaction of its own (the batch's fallback, module docstring)."""
+        stream = dm.stream_of(message.payload) if message.consumer == CONSUMER_COMMANDS else None
+        return await self._run(message.consumer, message.envelope, message.payload, stream)
+
+    async def handle_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        """Decide ``messages`` in order and record every decision in one transaction.
+
+        Each decision sees the state the earlier ones left (``batch.BatchView``), so the
+        outcome is that of handling them one by one. A stream another writer moved meanwhile
+        (or a message another consumer claimed) makes the batch read and decide again.
+
+        Raises:
+            ConcurrencyError: still racing after ``MAX_CONFLICT_RETRIES`` attempts.
+            InfrastructureError: the database failed (``retryable`` when trying later helps).
+        """
+        for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
+            try:
+                return await retrying(lambda: self._decide_batch(messages))
+            except ConcurrencyError as exc:
+                self._cache.pop(str(exc.details.get("stream_id")), None)
+                if attempt == MAX_CONFLICT_RETRIES:
+                    raise
+                await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def wake(self, stream: str, command: Internal) -> Outcome:
         """Deliver an internal command (the scheduler's Tick, the queue's RetrySettlement)."""
@@ -329,13 +388,12 @@ class DepositsService:
         stored = [self._stored(e, i, envelope) for e, i in zip(events, ids, strict=True)]
         messages = self._messages(stream, events, ids, envelope, state)
         asked = [e for e in events if isinstance(e, ev.LedgerCommandRequested)]
-        view, row = self._view_row(state, version + len(events), now)
+        view, fields = self._view_row(state, version + len(events), now)
+        row = json.dumps(fields) if fields is not None else None
         refused = None
         if refusal is not None and envelope is not None:
-            refused = json.dumps({
-                "message_id": str(envelope.event_id), "stream_id": stream,
-                "command_type": envelope.type, "participant": envelope.participant,
-                "code": refusal.code, "detail": refusal.message[:1000]})
+            refused = json.dumps(refusal_row(str(envelope.event_id), stream, envelope.type,
+                                             envelope.participant, refusal))
         with translated():
             status = await conn.fetchval(
                 _RECORD_SQL, stream, version,
@@ -413,6 +471,166 @@ class DepositsService:
         while len(self._routes) > self._cache_size:
             self._routes.popitem(last=False)
 
+    # --- a batch in one transaction ------------------------------------------------------------
+
+    async def _decide_batch(self, messages: Sequence[Message]) -> list[Outcome]:
+        plan = BatchPlan()
+        cached: dict[str, _Cached] = {}
+        async with self._pool.acquire() as conn:
+            streams = await self._streams_of(conn, messages)
+            view = await self._read_batch(conn, messages, streams)
+            outcomes = [self._decide_in_batch(m, stream, view, plan, cached)
+                        for m, stream in zip(messages, streams, strict=True)]
+            if plan:
+                await self._record_batch(conn, plan)
+        for stream, value in cached.items():
+            self._put(stream, value)
+        for ledger_key, stream, _, _ in plan.routes:
+            self._remember_route(ledger_key, stream)
+        return outcomes
+
+    async def _streams_of(self, conn: asyncpg.Connection, messages: Sequence[Message]
+                          ) -> list[str | None]:
+        """Each message's stream: by the command, or by the route of the ledger key answered
+        (``None``: an answer to nothing this service asked)."""
+        answered = [_answered(m) for m in messages]
+        unknown = {key for key in answered if key is not None and key not in self._routes}
+        found: dict[str, str] = {}
+        if unknown:
+            found = dict(await conn.fetch(
+                "SELECT ledger_key, stream_id FROM deposits.ledger_routes "
+                "WHERE ledger_key = ANY($1::text[])", sorted(unknown)))
+        return [dm.stream_of(m.payload) if key is None
+                else self._routes.get(key) or found.get(key)
+                for m, key in zip(messages, answered, strict=True)]
+
+    async def _read_batch(self, conn: asyncpg.Connection, messages: Sequence[Message],
+                          streams: Sequence[str | None]) -> BatchView:
+        """The batch's streams and context in one query; in two when a stream is not cached
+        and its message does not name the parties (its events say who they are)."""
+        view = BatchView()
+        for stream in {s for s in streams if s is not None}:
+            hit = self._cache.get(stream)
+            view.states[stream] = (hit.version, hit.state) if hit else (0, None)
+        parties = [self._parties_in(view, m, s) for m, s in zip(messages, streams, strict=True)]
+        cold = sorted({s for m, s, p in zip(messages, streams, parties, strict=True)
+                       if s is not None and p is None and view.states[s][1] is None
+                       and not isinstance(m.payload, _NAMES_NOBODY)})
+        if cold:
+            self._fold_batch(view, await conn.fetch(
+                _READ_BATCH_SQL, cold, [0] * len(cold), [], [], [], [], [], [], []))
+            parties = [self._parties_in(view, m, s)
+                       for m, s in zip(messages, streams, strict=True)]
+        banks: set[str] = set()
+        wallets: set[tuple[str, str]] = set()
+        queues: dict[str, str] = {}  # uetr -> its payer's queue
+        for found in parties:
+            if found is not None:
+                banks |= found[0]
+                wallets |= found[1]
+                if found[2] is not None:
+                    queues[found[2][1]] = found[2][0]
+        known = sorted(view.states)
+        w = sorted(wallets)
+        claims = [(m.consumer, m.message_id) for m in messages]
+        rows = await conn.fetch(
+            _READ_BATCH_SQL, known, [view.states[s][0] for s in known], sorted(banks),
+            [b for b, _ in w], [i for _, i in w], sorted(set(queues.values())), sorted(queues),
+            [c for c, _ in claims], [i for _, i in claims])
+        self._fold_batch(view, rows)
+        for kind, number, key, _, raw, _ in rows:
+            if kind == "p":
+                view.participants[key] = self._directory.get(key, number, raw, dm.Participant)
+            elif kind == "w":
+                view.wallets[key] = self._directory.get(key, number, raw, dm.Wallet)
+            elif kind == "q":
+                view.queue_sizes[key] = int(number)
+            elif kind == "m":
+                view.queued[key] = raw
+            elif kind == "i":
+                view.claimed.add((raw, key))
+        return view
+
+    @staticmethod
+    def _parties_in(view: BatchView, message: Message, stream: str | None
+                    ) -> tuple[set[str], set[tuple[str, str]], tuple[str, str] | None] | None:
+        if stream is None:
+            return set(), set(), None
+        state = view.states[stream][1]
+        return _parties(state if state is not None else message.payload)
+
+    def _fold_batch(self, view: BatchView, rows: Sequence[asyncpg.Record]) -> None:
+        """Apply the streams' newer events (rows of kind ``e``) to the view's states."""
+        by_stream: dict[str, list[tuple[Any, ...]]] = {}
+        for row in rows:
+            if row[0] == "e":
+                by_stream.setdefault(row[5], []).append(tuple(row)[:5])
+        for stream, events in by_stream.items():
+            _, evolve = _AGGREGATES[stream.split(":", 1)[0]]
+            version, state = view.states.get(stream, (0, None))
+            view.states[stream] = self._fold(stream, version, state, evolve, events)
+
+    def _decide_in_batch(self, message: Message, stream: str | None, view: BatchView,
+                         plan: BatchPlan, cached: dict[str, _Cached]) -> Outcome:
+        """One message of the batch: decided on the view, its rows added to the plan."""
+        claim = (message.consumer, message.message_id)
+        if stream is None:
+            return Outcome(None)  # not an answer to anything we asked
+        if claim in view.claimed:
+            return Outcome(stream, duplicate=True)
+        decide, evolve = _AGGREGATES[stream.split(":", 1)[0]]
+        version, state = view.states[stream]
+        ctx = self._batch_context(view, state if state is not None else message.payload)
+        try:
+            events = decide(state, message.payload, ctx)
+        except (DomainError, IdempotencyConflictError) as exc:
+            # Recorded with the message (audit trail), nothing on the stream: as _decide_and_record.
+            log.info("%s %s refused on %s: %s (%s)", message.envelope.type, message.message_id,
+                     stream, exc.code, exc.message)
+            view.claimed.add(claim)
+            plan.claim(*claim)
+            plan.refuse(refusal_row(message.message_id, stream, message.envelope.type,
+                                    message.envelope.participant, exc))
+            return Outcome(stream, refusal=exc, state=state)
+        if not events:
+            return Outcome(stream, state=state)
+        new_state = dm.fold(evolve, events, state)
+        ids = [new_id() for _ in events]
+        plan.claim(*claim)
+        plan.append(stream, version,
+                    [self._stored(e, i, message.envelope) for e, i in zip(events, ids,
+                                                                          strict=True)],
+                    self._messages(stream, events, ids, message.envelope, new_state),
+                    [e for e in events if isinstance(e, ev.LedgerCommandRequested)])
+        plan.view(stream, *self._view_row(new_state, version + len(events), ctx.now))
+        view.claimed.add(claim)
+        view.decided(stream, version + len(events), new_state)
+        cached[stream] = _Cached(version + len(events), new_state)
+        return Outcome(stream, tuple(events), wake_queues=_queues_to_wake(state, new_state,
+                                                                           events),
+                       state=new_state)
+
+    def _batch_context(self, view: BatchView, source: Any) -> dm.Context:
+        instruction = source.instruction if isinstance(source, dm.Transfer) else source
+        depth = view.depth(instruction) if isinstance(instruction,
+                                                      ev.TransferInstruction) else {}
+        return dm.Context(now=self.clock.now(), config=self.config,
+                          participants=view.participants, wallets=view.wallets,
+                          queue_depth=depth)
+
+    async def _record_batch(self, conn: asyncpg.Connection, plan: BatchPlan) -> None:
+        try:
+            with translated():
+                status = await conn.fetchval(_RECORD_BATCH_SQL, *plan.arguments())
+        except InfrastructureError as exc:
+            if exc.details.get("sqlstate") == "HDDUP":  # a redelivery was handled meanwhile
+                raise ConcurrencyError("a message of the batch was processed meanwhile") from exc
+            raise
+        if status != "ok":
+            stream = str(status).removeprefix("conflict:")
+            raise ConcurrencyError(f"stream {stream!r} moved on during the batch",
+                                   stream_id=stream)
+
     # --- what is written -----------------------------------------------------------------------
 
     def _stored(self, event: Payload, event_id: Any, envelope: Envelope | None) -> NewEvent:
@@ -450,9 +668,9 @@ class DepositsService:
                                          {"type": env.type}))
         return out
 
-    def _view_row(self, state: Any, version: int, now: datetime) -> tuple[str | None,
-                                                                         str | None]:
-        """The read-model row of the stream's new state, as JSON for ``record_decision``."""
+    def _view_row(self, state: Any, version: int, now: datetime
+                  ) -> tuple[str | None, dict[str, Any] | None]:
+        """The read-model table and row of the stream's new state (JSON-ready)."""
         stamp = now.isoformat()
         match state:
             case dm.Transfer():
@@ -461,7 +679,7 @@ class DepositsService:
                 if entry is not None:
                     self._queues.add(entry.queue_key)
                 wake = dm.next_wakeup(t, self.config, now)
-                return "transfers", json.dumps({
+                return "transfers", {
                     "uetr": i.uetr, "end_to_end_id": i.end_to_end_id,
                     "instruction_id": i.instruction_id,
                     "payer_participant": i.payer_participant, "payer_wallet": i.payer_wallet,
@@ -475,31 +693,31 @@ class DepositsService:
                     "next_wakeup_at": wake.isoformat() if wake else None,
                     "settled_at": t.settled_at.isoformat() if t.settled_at else None,
                     "stream_version": version,
-                    "created_at": (t.instructed_at or now).isoformat(), "updated_at": stamp})
+                    "created_at": (t.instructed_at or now).isoformat(), "updated_at": stamp}
             case dm.Conversion():
                 c = state.instruction
-                return "conversions", json.dumps({
+                return "conversions", {
                     "uetr": c.uetr, "end_to_end_id": c.end_to_end_id, "kind": state.kind,
                     "participant_id": c.participant_id, "wallet_id": c.wallet_id,
                     "currency": c.currency, "amount": c.amount, "status": state.status.value,
                     "reason": state.code, "stream_version": version, "created_at": stamp,
-                    "updated_at": stamp})
+                    "updated_at": stamp}
             case dm.Participant():
                 r = state.request
-                return "participants", json.dumps({
+                return "participants", {
                     "participant_id": r.participant_id, "name": r.name,
                     "status": state.status.value,
                     "currencies": [a.currency for a in r.currencies],
                     "failure_code": state.failure_code, "stream_version": version,
-                    "state": state.model_dump(mode="json"), "updated_at": stamp})
+                    "state": state.model_dump(mode="json"), "updated_at": stamp}
             case dm.Wallet():
                 w = state.request
-                return "wallets", json.dumps({
+                return "wallets", {
                     "participant_id": w.participant_id, "wallet_id": w.wallet_id,
                     "status": state.status.value, "frozen": state.frozen,
                     "currencies": list(w.currencies), "failure_code": state.failure_code,
                     "stream_version": version, "state": state.model_dump(mode="json"),
-                    "updated_at": stamp})
+                    "updated_at": stamp}
         return None, None
 
     async def _reschedule(self, conn: asyncpg.Connection, t: dm.Transfer, now: datetime) -> None:
@@ -533,6 +751,13 @@ def _parties(source: Any) -> tuple[set[str], set[tuple[str, str]], tuple[str, st
         case dm.Participant() | dm.Wallet() | ev.OnboardParticipant() | \
                 ev.FundSettlementAccount() | ev.FreezeWallet() | ev.UnfreezeWallet():
             return set(), set(), None
+    return None
+
+
+def _answered(message: Message) -> str | None:
+    """The ledger key a ledger answer answers; ``None`` for a command."""
+    if isinstance(message.payload, PostingAccepted | PostingRejected):
+        return message.payload.command_id
     return None
 
 

@@ -61,13 +61,14 @@ class DepositsSettings(BaseSettings):
     ledger_results_topic: str = DEPOSITS_LEDGER_RESULTS
     """The reply topic named in every ledger command (the ledger answers there)."""
     group_id: str = DEPOSITS_GROUP
-    """Consumer group of both subscribers; its dead letters go to ``<group>.dlq``."""
-    workers: int = Field(4, ge=1, le=16)
-    """Consumers per topic in this process (partition-parallel, order kept per partition; the
-    declared topics have 4 partitions). Each message waits on PostgreSQL and Kafka round trips,
-    so consumers working side by side multiply throughput even on one core."""
+    """Consumer group of the service's consumer; its dead letters go to ``<group>.dlq``."""
+    max_batch: int = Field(500, ge=1)
+    """Records per batch at most (services/deposits/consumer.py): decided in order, recorded in
+    one transaction. Batches are whatever arrived since the last one, so they stay small when
+    the load is light and latency does not wait for them to fill."""
     max_attempts: int = Field(5, ge=1)
-    """Deliveries of a failing record before it is dead-lettered (transient failures only)."""
+    """Tries of a failing record before it is dead-lettered (errors that may be transient; a
+    database outage is waited out, never dead-lettered)."""
     tick_interval_s: float = Field(1.0, gt=0)
     """How often the scheduler looks for due wake-ups (windows opening, deadlines)."""
     queue_retry_interval_s: float = Field(5.0, gt=0)
