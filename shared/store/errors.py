@@ -43,6 +43,12 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 )
 
 
+# Raised by the unit of work's own code, not by the driver: passed through untranslated.
+_NOT_THE_DATABASE: tuple[type[Exception], ...] = (
+    HarbourError, ArithmeticError, AssertionError, AttributeError, LookupError, NameError,
+    RuntimeError, TypeError, ValueError)
+
+
 def map_error(exc: BaseException) -> HarbourError:
     """The Harbour error for an exception raised by asyncpg (or the socket under it)."""
     if isinstance(exc, HarbourError):
@@ -103,6 +109,8 @@ async def retrying(
     for attempt in range(1, attempts + 1):
         try:
             return await unit_of_work()
+        except _NOT_THE_DATABASE:
+            raise  # a bug in the unit of work is not a database error: the caller sees it as is
         except Exception as exc:
             mapped = map_error(exc)
             transient = isinstance(mapped, InfrastructureError) and mapped.retryable

@@ -214,3 +214,12 @@ async def test_retrying_leaves_conflicts_and_bugs_to_the_caller(pool: asyncpg.Po
         await retrying(broken_sql)
     assert caught.value.retryable is False
     assert caught.value.details["sqlstate"] == "42703"
+
+    async def buggy() -> None:
+        nonlocal calls
+        calls += 1
+        raise RuntimeError("a bug, not a database error")
+
+    with pytest.raises(RuntimeError):  # not dressed up as an infrastructure error
+        await retrying(buggy)
+    assert calls == 2

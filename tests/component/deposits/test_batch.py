@@ -169,3 +169,131 @@ async def test_refusals_are_recorded_and_malformed_records_dead_lettered(harness
                               (answer, "unknown_type")]
     assert await pool.fetchval("SELECT count(*) FROM deposits.events") == 0
     assert await pool.fetchval("SELECT count(*) FROM deposits.inbox") == 1
+
+
+# --- a batch decides as the same messages one at a time would ---------------------------------
+
+
+async def _answer_all(h: Harness, answered: set[str]) -> None:
+    """Accept every ledger command asked so far (the ledger's part, without a ledger)."""
+    rows = await h.pool.fetch("SELECT ledger_key, purpose FROM deposits.ledger_routes")
+    fresh = [r for r in rows if r["ledger_key"] not in answered]
+    answered.update(r["ledger_key"] for r in fresh)
+    if fresh:
+        await h.send(*(_record(PostingAccepted(command_id=r["ledger_key"],
+                                               command_type=r["purpose"]),
+                               participant="harbour.ledger") for r in fresh),
+                     topic=SETTINGS.ledger_results_topic)
+
+
+async def _bank_with_tokens(h: Harness, bank: str, answered: set[str]) -> None:
+    """A bank onboarded in HKD with wallets w1 and w2, HKD 100.00 issued to w1."""
+    await h.send(_record(ev.OnboardParticipant(participant_id=bank, name=bank, currencies=(
+        ev.CurrencyArrangement(currency="HKD", settlement_account_ref=f"SA-{bank}"),)), bank))
+    await _answer_all(h, answered)
+    await h.send(*(_record(ev.OpenWallet(participant_id=bank, wallet_id=w, currencies=("HKD",),
+                                         customer_ref=f"C-{w}", kyc_ref=f"K-{w}"),
+                           bank) for w in ("w1", "w2")))
+    await _answer_all(h, answered)
+    await h.send(_record(ev.IssueDepositToken(uetr=str(uuid.uuid4()), end_to_end_id="E2E-ISSUE",
+                                              participant_id=bank, wallet_id="w1",
+                                              currency="HKD", amount="100.00"), bank))
+    await _answer_all(h, answered)
+
+
+def _scenario(bank: str) -> list[bytes]:
+    """Messages whose decisions depend on the ones before them in the same batch."""
+    hold = {"participant_id": bank, "wallet_id": "w1", "reason": "AML review",
+            "case_ref": "CASE-1"}
+    t1, t2 = str(uuid.uuid4()), str(uuid.uuid4())
+
+    def pay(u: str, amount: str) -> ev.InstructTransfer:
+        return ev.InstructTransfer(uetr=u, end_to_end_id=f"E2E-{u[:8]}",
+                                   payer_participant=bank, payer_wallet="w1",
+                                   payee_participant=bank, payee_wallet="w2", currency="HKD",
+                                   amount=amount)
+
+    paid = _record(pay(t2, "10.00"), bank)
+    return [_record(ev.FreezeWallet(**hold), bank),
+            _record(pay(t1, "10.00"), bank),  # rejected: the wallet was frozen just before
+            _record(ev.UnfreezeWallet(**hold), bank),
+            paid,  # accepted: unfrozen just before
+            paid,  # the same message again: a duplicate
+            _record(pay(t2, "12.00"), bank),  # same uetr, other body: id_conflict
+            _record(ev.FreezeWallet(**hold), bank)]  # the same wallet again, one version on
+
+
+async def _what_happened(h: Harness, bank: str) -> tuple[Any, ...]:
+    """Per stream kind, the event types in order; the refusal codes; outbox rows by topic."""
+    events = await h.pool.fetch(
+        "SELECT stream_id, type FROM deposits.events WHERE metadata->>'participant' = $1 "
+        "ORDER BY global_position", bank)
+    streams: dict[str, list[str]] = {}
+    for e in events:
+        kind = e["stream_id"].split(":", 1)[0]
+        streams.setdefault(kind + (":w1" if e["stream_id"].endswith("w1") else ""),
+                           []).append(e["type"])
+    refusals = [r["code"] for r in await h.pool.fetch(
+        "SELECT code FROM deposits.refusals WHERE participant = $1 ORDER BY recorded_at, code",
+        bank)]
+    wallet = await h.pool.fetchrow("SELECT frozen, stream_version FROM deposits.wallets "
+                                   "WHERE participant_id = $1 AND wallet_id = 'w1'", bank)
+    return streams, refusals, dict(wallet)
+
+
+async def test_a_batch_decides_as_one_message_at_a_time_would(harness: Harness) -> None:
+    answered: set[str] = set()
+    one, many = "ONEBYONE", "INABATCH"
+    for bank in (one, many):
+        await _bank_with_tokens(harness, bank, answered)
+    for value in _scenario(one):
+        await harness.send(value)
+    outcomes = await harness.send(*_scenario(many))
+    assert [[type(e).__name__ for e in o.events] or (o.refusal.code if o.refusal else "dup")
+            for o in outcomes] == [
+        ["WalletFrozen", "LedgerCommandRequested"], ["TransferRejected"],
+        ["WalletUnfrozen", "LedgerCommandRequested"],
+        ["TransferInstructed", "LedgerCommandRequested"], "dup", "id_conflict",
+        ["WalletFrozen", "LedgerCommandRequested"]]
+    assert outcomes[1].events[0].code == "wallet_frozen"  # type: ignore[attr-defined]
+    alone, batched = await _what_happened(harness, one), await _what_happened(harness, many)
+    assert batched == alone
+    assert batched[1] == ["id_conflict"]
+    assert batched[2]["frozen"] is True
+
+
+# --- failures ------------------------------------------------------------------------------------
+
+
+async def test_a_poison_record_costs_one_slow_batch_not_the_others(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.deposits import service as svc
+
+    decide, evolve = svc._AGGREGATES["participant"]
+
+    def flaky(state: Any, command: Any, ctx: Any) -> Any:
+        if getattr(command, "participant_id", None) == "POISONHK":
+            raise RuntimeError("a bug this record trips")
+        return decide(state, command, ctx)
+
+    monkeypatch.setitem(svc._AGGREGATES, "participant", (flaky, evolve))
+    good = _record(ONBOARD)
+    poison = _record(ev.OnboardParticipant(participant_id="POISONHK", name="P", currencies=(
+        ev.CurrencyArrangement(currency="HKD", settlement_account_ref="SA-P"),)))
+    outcomes = await harness.send(poison, good)
+    assert [o.stream for o in outcomes] == [f"participant:{BANK}"]
+    assert harness.parked == [(poison, "unhandled_error")]
+    assert await harness.pool.fetchval("SELECT status FROM deposits.participants") == "onboarding"
+    retried = harness.handler._metrics.registry.get_sample_value(
+        "harbour_deposits_batch_retries_total", {"reason": "one_at_a_time"})
+    assert retried == 1
+
+
+async def test_a_database_outage_reads_the_batch_again_and_parks_nothing(
+        harness: Harness) -> None:
+    from services.deposits.consumer import RetryBatch
+
+    await harness.pool.close()
+    with pytest.raises(RetryBatch):
+        await harness.send(_record(ONBOARD))
+    assert harness.parked == []
