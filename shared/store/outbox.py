@@ -308,7 +308,14 @@ class OutboxRelay:
             conn = await asyncpg.connect(
                 self._database,
                 command_timeout=DEFAULT_COMMAND_TIMEOUT_S,
-                server_settings={"application_name": f"harbour-outbox-relay:{self.schema}"},
+                server_settings={
+                    "application_name": f"harbour-outbox-relay:{self.schema}",
+                    # This session only marks rows sent and purges old ones. A mark lost in a
+                    # crash publishes its rows again, which at-least-once delivery already
+                    # allows (consumers dedupe); waiting for its WAL flush only delayed the
+                    # next round's records by a disk sync each.
+                    "synchronous_commit": "off",
+                },
             )
             try:
                 yield conn
