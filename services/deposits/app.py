@@ -1,4 +1,4 @@
-"""Composition root of the deposits service: pool, Kafka consumer, outbox relay, scheduler.
+"""Composition root of the deposits service: pool, broker and router, outbox relay, scheduler.
 
 ``python -m services.deposits.app`` runs it until SIGTERM/SIGINT (``make up`` starts it under the
 supervisor). Environment: ``HARBOUR_KAFKA_BOOTSTRAP``, ``HARBOUR_DATABASE_URL`` and the
@@ -20,17 +20,23 @@ import logging
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import timedelta
 
+from aiokafka import ConsumerRecord
+from faststream.kafka import KafkaBroker
+
 from shared.clock import Clock, SystemClock
 from shared.config import KafkaSettings, PostgresSettings
-from shared.messaging.dlq import DeadLetterMiddleware
+from shared.events.topics import dlq_topic
+from shared.messaging.broker import make_broker
+from shared.messaging.dlq import DeadLetterMiddleware, Failure
 from shared.metrics import serve_metrics
 from shared.runtime import run_service
 from shared.store.outbox import OutboxRelay
 from shared.store.pool import create_pool
 
 from . import domain as dm
-from .consumer import DepositsConsumer
+from .consumer import BatchHandler, DeadLetter
 from .metrics import DepositsMetrics
+from .router import build_router
 from .service import DepositsService, Outcome, Topics
 from .settings import DepositsSettings
 
@@ -124,11 +130,14 @@ async def run_deposits(
         if keys:
             await service.dispatch(keys)
 
-    consumer = DepositsConsumer(
-        service, kafka.kafka_bootstrap, commands_topic=settings.commands_topic,
-        results_topic=settings.ledger_results_topic, group_id=settings.group_id,
-        policy=DeadLetterMiddleware(max_attempts=settings.max_attempts), metrics=metrics,
-        after=wake_queues, max_records=settings.max_batch, client_id=kafka.client_id)
+    # FastStream logs every batch at INFO by default: per-batch lines belong at DEBUG.
+    policy = DeadLetterMiddleware(max_attempts=settings.max_attempts)
+    broker = make_broker(kafka, dead_letters=policy, log_level=logging.DEBUG)
+    handler = BatchHandler(
+        service, commands_topic=settings.commands_topic,
+        results_topic=settings.ledger_results_topic, policy=policy, metrics=metrics,
+        dead_letter=_dead_letters(broker, policy, settings.group_id))
+    broker.include_router(build_router(handler, settings, metrics, after=wake_queues))
     relay = OutboxRelay(postgres.database_url, "deposits", kafka.kafka_bootstrap,
                         batch_size=settings.relay_batch,
                         poll_interval_s=settings.relay_poll_s,
@@ -143,7 +152,7 @@ async def run_deposits(
         name="deposits-metrics")
     try:
         tasks.append(asyncio.create_task(relay.run(), name="deposits-relay"))
-        tasks.append(asyncio.create_task(consumer.run(), name="deposits-consumer"))
+        await broker.start()
         tasks.append(asyncio.create_task(scheduler.run(), name="deposits-scheduler"))
         if started is not None:
             maybe = started(service)
@@ -156,13 +165,10 @@ async def run_deposits(
                 raise task.exception()  # type: ignore[misc]
         stopped.cancel()
     finally:
-        # The consumer first (no new work), then the scheduler, then the relay drains what is
-        # left.
-        consumer.stop()
-        consumer_task = next((t for t in tasks if t.get_name() == "deposits-consumer"), None)
-        if consumer_task is not None:
-            with contextlib.suppress(asyncio.TimeoutError, Exception):
-                await asyncio.wait_for(consumer_task, timeout=15)
+        # The subscriber first (no new work), then the scheduler, then the relay drains what
+        # is left.
+        with contextlib.suppress(Exception):
+            await broker.stop()
         scheduler.stop()
         relay.stop()
         gauges.cancel()
@@ -172,6 +178,19 @@ async def run_deposits(
             with contextlib.suppress(asyncio.TimeoutError, Exception):
                 await asyncio.wait_for(task, timeout=15)
         await pool.close()
+
+
+def _dead_letters(broker: KafkaBroker, policy: DeadLetterMiddleware, group: str) -> DeadLetter:
+    """Park a record on ``<group>.dlq`` with the reason, confirmed by the broker (acks=all)."""
+
+    async def park(record: ConsumerRecord[bytes, bytes], exc: BaseException, failure: Failure,
+                   attempts: int) -> None:
+        headers = policy.dead_letter_headers(record, group=group, exc=exc, failure=failure,
+                                             attempts=attempts)
+        await policy.send_dead_letter(broker, dlq_topic(group), key=record.key,
+                                      value=record.value, headers=headers)
+
+    return park
 
 
 async def _refresh_queue_gauges(service: DepositsService, metrics: DepositsMetrics,

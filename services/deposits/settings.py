@@ -62,8 +62,11 @@ class DepositsSettings(BaseSettings):
     """The reply topic named in every ledger command (the ledger answers there)."""
     group_id: str = DEPOSITS_GROUP
     """Consumer group of the service's consumer; its dead letters go to ``<group>.dlq``."""
+    batch_wait_ms: int = Field(5, ge=1)
+    """How long a poll waits for records (FastStream sleeps as long again after an empty one:
+    at most this much latency added to a record that arrives while the service is idle)."""
     max_batch: int = Field(500, ge=1)
-    """Records per batch at most (services/deposits/consumer.py): decided in order, recorded in
+    """Records per batch at most (services/deposits/router.py): decided in order, recorded in
     one transaction. Batches are whatever arrived since the last one, so they stay small when
     the load is light and latency does not wait for them to fill."""
     max_attempts: int = Field(5, ge=1)

@@ -14,6 +14,7 @@ import json
 import uuid
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 
@@ -178,4 +179,38 @@ async def test_bad_input_gets_a_reason_code_or_a_dead_letter_and_blocks_nothing(
     assert refusals == {"already_settled", "id_conflict"}
     assert len(world.log.of(ev.TransferSettled, uetr=settled)) == 1
     assert await world.balance(acc.wallet_account(HASE, "HKD", "bob")) == 2200
+    await world.assert_books()
+
+
+async def test_batches_the_database_cannot_take_are_read_again_not_lost(world: World) -> None:
+    """The database fails the next batches (as an outage would, after the service's own
+    retries): the subscriber reads them again from Kafka until it answers; the transfer settles
+    once and nothing is dead-lettered."""
+    from shared.errors import InfrastructureError
+
+    assert world.service is not None
+    service = world.service
+    real = service.handle_batch
+    failures = 2
+
+    async def outage(messages: Any) -> Any:
+        nonlocal failures
+        if failures:
+            failures -= 1
+            raise InfrastructureError("database unavailable", retryable=True)
+        return await real(messages)
+
+    await world.issue(HSBC, "alice", "HKD", "100.00")
+    await world.fund(HSBC, "HKD", "100.00")
+    service.handle_batch = outage  # type: ignore[method-assign]
+    u = await world.transfer("10.00")
+    assert isinstance(await world.final(u), ev.TransferSettled)
+    retried = world.metrics.registry.get_sample_value(
+        "harbour_deposits_batch_retries_total", {"reason": "database_unavailable"})
+    assert retried == 2
+    assert len(world.log.of(ev.TransferSettled, uetr=u)) == 1
+    assert await world.balance(acc.wallet_account(HASE, "HKD", "bob")) == 1000
+    await world.quiet()
+    assert not world.metrics.registry.get_sample_value(
+        "harbour_deposits_messages_total", {"outcome": "dead_lettered"})
     await world.assert_books()
