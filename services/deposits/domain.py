@@ -33,7 +33,8 @@ Transfer state machine
     InstructTransfer --refused--> rejected
         | intra-bank: Post td:U:transfer ----------accepted--> settled (24/7)
         |                                  \\------rejected--> failed
-        | interbank: PostPending burn + mint (group td:U)
+        | interbank: PostPending burn + mint (group td:U); in wcbdc mode, with the window open
+        | and the payer's queue empty, the settle pending too (commit once all three are held)
         v
     instructed --both held--> [window closed] awaiting_window --Tick, window open--+
         |                     [queue not empty] queued <---------------------+     |
@@ -789,11 +790,26 @@ def _instruct(cmd: ev.InstructTransfer, ctx: Context) -> list[Payload]:
                             cmd.payer_wallet, cmd.currency, amount, rules.scale, timeout)
     mint = acc.mint_pending(cmd.uetr, cmd.end_to_end_id, cmd.payee_participant,
                             cmd.payee_wallet, cmd.currency, amount, rules.scale, timeout)
-    return [ev.TransferInstructed(**common, route="interbank",
-                                  settlement_mode=rules.settlement_mode, instructed_at=now,
-                                  hold_deadline=deadline, ledger_expiry_at=expiry),
-            acc.ledger_request("burn", burn.posting_id, burn, **refs),
-            acc.ledger_request("mint", mint.posting_id, mint, **refs)]
+    events: list[Payload] = [
+        ev.TransferInstructed(**common, route="interbank", settlement_mode=rules.settlement_mode,
+                              instructed_at=now, hold_deadline=deadline, ledger_expiry_at=expiry),
+        acc.ledger_request("burn", burn.posting_id, burn, **refs),
+        acc.ledger_request("mint", mint.posting_id, mint, **refs)]
+    if _settles_at_once(cmd, rules, ctx):
+        # All three members of the group go to the ledger together; the commit follows once
+        # each is held. One ledger round trip fewer than holding the token legs first, and
+        # nothing changes if a leg is refused: the group is voided as before (TD-3).
+        settle = acc.settle_pending(cmd.uetr, cmd.end_to_end_id, cmd.payer_participant,
+                                    cmd.payee_participant, rules, amount, 1, timeout)
+        events.append(acc.ledger_request("settle", settle.posting_id, settle, **refs))
+    return events
+
+
+def _settles_at_once(cmd: ev.InstructTransfer, rules: cal.CurrencyRules, ctx: Context) -> bool:
+    """A ``wcbdc`` leg can be asked for with the token legs: the settlement asset is on the
+    ledger, its window is open and no transfer of the payer bank waits ahead (TD-5 order)."""
+    return (rules.settlement_mode == "wcbdc" and cal.window_open(rules, ctx.now)
+            and not ctx.queue_depth.get(queue_key(cmd.payer_participant, cmd.currency), 0))
 
 
 def _refs(t: Transfer) -> dict[str, Any]:
@@ -837,8 +853,12 @@ def _on_ledger_result(d: _Decision[Transfer], result: LedgerResult, ctx: Context
 
 
 def _advance(d: _Decision[Transfer], ctx: Context) -> None:
-    """Both token legs held: wait for the window, join the queue, or try the interbank leg."""
+    """Both token legs held: wait for the window, join the queue, or try the interbank leg;
+    commit at once if a ``wcbdc`` leg asked for with them is already held."""
     t = d.state
+    if t.status is TS.SETTLING and t.mode == "wcbdc" and t.held >= _MEMBERS:
+        _commit(d)
+        return
     if t.status is not TS.INSTRUCTED or not {"burn", "mint"} <= t.held:
         return
     rules = _rules(ctx, t.instruction.currency)
@@ -875,8 +895,9 @@ def _on_settle_answer(d: _Decision[Transfer], ok: bool, code: str | None, detail
     if ok and t.mode == "rtgs" and t.hold_deadline is not None and ctx.now >= t.hold_deadline:
         _expire(d, "hold_timeout", t.hold_deadline)  # too late for today's pacs.009
     elif ok and t.mode == "wcbdc":
-        d.emit(acc.ledger_request("commit", acc.transfer_posting_id(t.uetr, "commit"),
-                                  acc.commit_group(t.uetr), **_refs(t)))
+        if {"burn", "mint"} <= t.held:
+            _commit(d)
+        # else: asked for with the token legs; the last of their answers commits (_advance)
     elif ok:
         rules = _rules(ctx, i.currency)
         payer, payee = ctx.participants.get(i.payer_participant), ctx.participants.get(
@@ -898,6 +919,12 @@ def _on_settle_answer(d: _Decision[Transfer], ok: bool, code: str | None, detail
     else:
         d.emit(ev.TransferFailed(**_refs(t), code=_ledger_code(code, "settle"),
                                  detail=f"settle: {code} {detail}".strip()))
+
+
+def _commit(d: _Decision[Transfer]) -> None:
+    t = d.state
+    d.emit(acc.ledger_request("commit", acc.transfer_posting_id(t.uetr, "commit"),
+                              acc.commit_group(t.uetr), **_refs(t)))
 
 
 def _settlement_ref(p: Participant | None, currency: str, bank: str) -> str:

@@ -70,6 +70,12 @@ SUBSCRIBER_DEFAULTS: dict[str, Any] = {
     # Between two polls a handler may run a Postgres transaction plus DLQ retry backoff; far
     # below this. Exceeding it makes the group evict the consumer.
     "max_poll_interval_ms": 300_000,
+    # aiokafka keeps one fetch in flight per broker, and a partition that still had records
+    # buffered when it was sent is not in it (aiokafka/consumer/fetcher.py,
+    # _get_actions_per_node): new records of that partition wait until that fetch returns,
+    # which with aiokafka's default (500 ms) can take half a second when the partitions in it
+    # stay quiet. The ledger writer's own consumer uses the same bound.
+    "fetch_max_wait_ms": 20,
     "session_timeout_ms": 10_000,
     "heartbeat_interval_ms": 3_000,
 }

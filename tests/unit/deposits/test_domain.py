@@ -904,10 +904,59 @@ def test_a_waiting_transfer_joins_the_queue_when_the_window_opens_behind_others(
 
 
 def test_wcbdc_settles_around_the_clock_and_intra_bank_ignores_windows() -> None:
-    story = transfer(instruct(currency="CNH"), ok("td:U:burn"), at=SATURDAY)
+    story = transfer(at=SATURDAY)
+    assert story.then(instruct(currency="CNH"), at=SATURDAY)[-1] == "ledger settle td:U:settle:1"
+    story.given(ok("td:U:burn"), ok("td:U:settle:1"), at=SATURDAY)
     assert story.then(ok("td:U:mint"), at=SATURDAY) == ["answered mint ok",
-                                                        "ledger settle td:U:settle:1"]
+                                                        "ledger commit td:U:commit"]
     assert story.state.hold_deadline == SATURDAY + timedelta(seconds=CNH.max_hold_s)
+
+
+@pytest.mark.parametrize(
+    ("given", "when", "then"),
+    [
+        ([], instruct(currency="CNH"),
+         ["TransferInstructed", "ledger burn td:U:burn",
+          "ledger mint td:U:mint", "ledger settle td:U:settle:1"]),
+        ([instruct(currency="CNH"), ok("td:U:settle:1"), ok("td:U:burn")], ok("td:U:mint"),
+         ["answered mint ok", "ledger commit td:U:commit"]),
+        ([instruct(currency="CNH"), ok("td:U:mint"), ok("td:U:settle:1")], ok("td:U:burn"),
+         ["answered burn ok", "FundsEarmarked", "ledger commit td:U:commit"]),
+        ([instruct(currency="CNH"), ok("td:U:burn")], ok("td:U:settle:1"),
+         ["answered settle ok"]),
+        ([instruct(currency="CNH"), ok("td:U:settle:1"), ok("td:U:mint")],
+         no("td:U:burn", "insufficient_funds"),
+         ["answered burn insufficient_funds", "TransferFailed(insufficient_funds)",
+          "ledger void td:U:void"]),
+        ([instruct(currency="CNH"), ok("td:U:settle:1")], no("td:U:mint", "account_frozen"),
+         ["answered mint account_frozen", "TransferFailed(wallet_frozen)"]),
+    ],
+    ids=["all-three-members-asked-at-once", "commit-when-the-last-token-leg-is-held",
+         "any-order", "interbank-leg-held-first-waits", "payer-short-voids-the-held-legs",
+         "void-waits-for-the-burn-in-flight"],
+)
+def test_wcbdc_asks_for_the_interbank_leg_with_the_token_legs(given: list[Any], when: Any,
+                                                             then: list[str]) -> None:
+    assert transfer(*given).then(when) == then
+
+
+def test_wcbdc_behind_a_queue_holds_the_token_legs_first_and_queues_TD_5() -> None:
+    story = transfer(instruct(currency="CNH"), HSBCHKHH_CNH=1)
+    assert "ledger settle td:U:settle:1" not in shown(story.history)
+    assert story.then(ok("td:U:burn"), HSBCHKHH_CNH=1) == ["answered burn ok", "FundsEarmarked"]
+    assert story.then(ok("td:U:mint"), HSBCHKHH_CNH=1) == [
+        "answered mint ok", "InterbankSettlementQueued(queue_not_empty, attempt 0)"]
+
+
+def test_a_wcbdc_leg_refused_for_funds_queues_while_the_token_legs_are_still_out() -> None:
+    story = transfer(instruct(currency="CNH"))
+    assert story.then(no("td:U:settle:1", "insufficient_funds")) == [
+        "answered settle insufficient_funds",
+        "InterbankSettlementQueued(insufficient_settlement_funds, attempt 1)"]
+    assert story.then(ok("td:U:burn")) == ["answered burn ok", "FundsEarmarked"]
+    assert story.then(ok("td:U:mint")) == ["answered mint ok"]  # it waits in the queue
+    assert story.then(dm.RetrySettlement()) == ["ledger settle td:U:settle:2"]
+    assert story.then(ok("td:U:settle:2")) == ["answered settle ok", "ledger commit td:U:commit"]
 
 
 @pytest.mark.parametrize(
