@@ -2,10 +2,11 @@
 
 What it measures (DESIGN.md "Quality bars": a domain round trip, command in -> settled event out,
 p99 < 250 ms at 500/s offered): interbank tokenized-deposit transfers in ``wcbdc`` mode, the fully
-automated atomic path (earmark + mint pendings, the wCBDC leg, one group commit), end to end:
-from the ``InstructTransfer`` published on the commands topic to its ``TransferSettled`` consumed
-from the events topic. Each transfer is nine sequential Kafka hops through two services and
-four ledger commands.
+automated atomic path (earmark, mint and wCBDC-leg pendings asked for together, then one group
+commit), end to end: from the ``InstructTransfer`` published on the commands topic to its
+``TransferSettled`` consumed from the events topic. Each transfer is six sequential Kafka hops
+(the command, two ledger round trips, the event) through two services, with four ledger
+commands.
 
 One run:
 
@@ -20,7 +21,7 @@ One run:
    loop; latency per transfer is settled-consumed minus *scheduled* send time (no coordinated
    omission); p50/p90/p99/max;
 5. the raw reference: one Kafka hop (publish -> consume, the same broker, the same rate), since a
-   transfer is at least nine sequential hops;
+   transfer is at least six sequential hops;
 6. drops the database and topics unless ``--keep``.
 
 ``HARBOUR_BENCH_PROFILE_DEPOSITS=<path>`` (or ``..._LEDGER``) runs that service under cProfile and
@@ -65,7 +66,7 @@ __all__ = ["DepositsBenchConfig", "DepositsBenchReport", "command", "render", "r
 
 BANKS = ("BENCHAHK", "BENCHBHK")
 CURRENCY = "CNH"
-HOPS = 9
+HOPS = 6
 TARGET_P99_MS = 250.0
 Say = Callable[[str], None]
 BENCH_CONFIG = DepositsConfig(currencies={CURRENCY: CurrencyRules(
