@@ -8,9 +8,11 @@ partition order, recorded in one transaction (inbox claims, events, outbox rows,
 
 Failures:
 
-- the database is unreachable (a retryable ``InfrastructureError`` once the service's own retries
-  are spent): :class:`RetryBatch`; nothing was committed and the router reads the whole batch
-  again. Nothing is dead-lettered for an outage;
+- the database is unreachable or refuses writes for a reason no record causes (a transient
+  ``InfrastructureError`` once the service's own retries are spent; disk full, read-only, a
+  missing table): :class:`RetryBatch`; nothing was committed and the router reads the whole
+  batch again. Nothing is dead-lettered for it; malformed records are parked only once their
+  batch is through, so a batch read again parks nothing twice;
 - any other failure of the batch (a record that makes a decision raise, a race lost too often):
   the batch is handled again one message at a time, each in its own transaction, with the
   dead-letter rule of ``shared.messaging.dlq.classify`` (deterministic errors parked at once,
@@ -70,26 +72,29 @@ class BatchHandler:
         """
         messages: list[Message] = []
         kept: list[ConsumerRecord[bytes, bytes]] = []
+        malformed: list[tuple[ConsumerRecord[bytes, bytes], Exception]] = []
         for record in records:
             try:
                 messages.append(self._decode(record))
                 kept.append(record)
-            except Exception as exc:  # malformed input: parked with its reason, never retried
-                await self._park(record, exc, classify(exc), 1)
-        if not messages:
-            return []
+            except Exception as refused:  # malformed: parked with its reason, never retried
+                malformed.append((record, refused))
+        outcomes = await self._decide(messages, kept) if messages else []
+        # Parked once the batch is through: a batch read again (an outage) parks nothing twice.
+        for bad, error in malformed:
+            await self._park(bad, error, classify(error), 1)
+        return outcomes
+
+    async def _decide(self, messages: Sequence[Message],
+                      records: Sequence[ConsumerRecord[bytes, bytes]]) -> list[Outcome]:
         try:
             outcomes = await self._service.handle_batch(messages)
-        except InfrastructureError as exc:
-            if exc.retryable:
-                raise RetryBatch(str(exc)) from exc
-            log.warning("batch of %d failed (%s); one at a time", len(messages), exc.code)
-            self._metrics.batch_retries.labels("one_at_a_time").inc()
-            return await self._one_at_a_time(messages, kept)
         except Exception as exc:
+            if _database_down(exc):
+                raise RetryBatch(str(exc)) from exc
             log.warning("batch of %d failed (%r); one at a time", len(messages), exc)
             self._metrics.batch_retries.labels("one_at_a_time").inc()
-            return await self._one_at_a_time(messages, kept)
+            return await self._one_at_a_time(messages, records)
         self._metrics.decided(outcomes)
         return outcomes
 
@@ -120,8 +125,8 @@ class BatchHandler:
                 failure = classify(exc)
                 if failure.duplicate:
                     return None
-                if isinstance(exc, InfrastructureError) and exc.retryable:
-                    raise RetryBatch(str(exc)) from exc  # an outage, not this record's fault
+                if _database_down(exc):
+                    raise RetryBatch(str(exc)) from exc  # not this record's fault
                 if failure.retryable and attempt < self._policy.max_attempts:
                     log.warning("%s failed (attempt %d of %d, %s): %r; retrying", _where(record),
                                 attempt, self._policy.max_attempts, failure.code, exc)
@@ -140,6 +145,17 @@ class BatchHandler:
         self._metrics.messages.labels("dead_lettered").inc()
         log.error("%s dead-lettered after %d attempt(s) (%s): %s", _where(record), attempts,
                   failure.code, exc)
+
+
+def _database_down(exc: BaseException) -> bool:
+    """A database failure no record causes: waited out, never dead-lettered. Transient ones
+    (connection lost, failover, deadlock), and also disk full, a read-only primary or a missing
+    table: everything except a data exception (22) or integrity violation (23), which a
+    record's content can cause."""
+    if not isinstance(exc, InfrastructureError):
+        return False
+    sqlstate = str(exc.details.get("sqlstate") or "")
+    return exc.retryable or sqlstate[:2] not in ("22", "23")
 
 
 def _where(record: ConsumerRecord[Any, Any]) -> str:

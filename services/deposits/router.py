@@ -8,10 +8,13 @@ decide in partition order, record in one transaction; malformed records dead-let
 
 - ``ack()``: the offsets of the batch are committed, only after its transaction committed. A
   crash in between redelivers the batch and the inbox makes every message of it a no-op;
-- ``nack()`` when the database is unreachable: FastStream 0.7.8 seeks every partition of the
-  batch back to its first record, so the whole batch is read again after a pause; nothing is
-  lost and nothing dead-lettered for an outage. The same for any unexpected error here, which
-  must not leave a batch unacknowledged and unread (under ``MANUAL`` FastStream would move on).
+- when the database is unreachable, every partition of the batch is sought back to its first
+  record after a pause, so the whole batch is read again; nothing is lost and nothing
+  dead-lettered for an outage. The same for any unexpected error here, which must not leave a
+  batch unacknowledged and unread (under ``MANUAL`` FastStream would move on).
+
+Records whose headers FastStream's batch parser cannot decode (null or non-UTF-8 values) would
+make it drop the batch silently; ``_parse_any_headers`` keeps that from happening.
 
 Batches rather than a transaction per message (DESIGN.md's per-message pattern) because on the
 two-core reference machine that pattern measured 60 to 76 transfers/s end to end: two round trips,
@@ -22,10 +25,14 @@ they stay small when the load is light and nothing waits for a batch to fill.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import replace
 from typing import Any
 
+from aiokafka import ConsumerRecord, TopicPartition
+from aiokafka.errors import IllegalStateError
 from faststream.kafka import KafkaRouter
 from faststream.kafka.annotations import KafkaMessage
 from faststream.middlewares import AckPolicy
@@ -56,6 +63,23 @@ async def _nothing(_: Sequence[Outcome]) -> None:
     return None
 
 
+async def _parse_any_headers(records: tuple[ConsumerRecord[bytes, bytes], ...],
+                             parse: Callable[[Any], Awaitable[Any]]) -> Any:
+    """FastStream's batch parser, fed headers it cannot fail on.
+
+    It decodes every header value of every record as UTF-8 before the handler runs; a null or
+    non-UTF-8 value makes it raise, and FastStream 0.7.8 then drops the error and the batch
+    (no ack, no nack under MANUAL: the batch would be skipped unread). Headers are nobody's
+    business here (envelopes carry everything), so the parser gets a copy with safe values and
+    the handler the original records, headers intact for a dead letter.
+    """
+    safe = tuple(replace(r, headers=[(k, (v or b"").decode("utf-8", "replace").encode())
+                                     for k, v in (r.headers or ())]) for r in records)
+    message = await parse(safe)
+    message.raw_message = records
+    return message
+
+
 def build_router(handler: BatchHandler, settings: DepositsSettings, metrics: DepositsMetrics,
                  *, after: AfterHook = _nothing) -> KafkaRouter:
     """The batch subscriber on the topics named by ``settings``.
@@ -70,7 +94,7 @@ def build_router(handler: BatchHandler, settings: DepositsSettings, metrics: Dep
         batch_timeout_ms=settings.batch_wait_ms, ack_policy=AckPolicy.MANUAL)
 
     @router.subscriber(settings.commands_topic, settings.ledger_results_topic,
-                       decoder=_whole, **options)
+                       parser=_parse_any_headers, decoder=_whole, **options)
     async def on_batch(batch: Any) -> None:
         records = batch.raw_message if isinstance(batch.raw_message, tuple) else (
             batch.raw_message,)
@@ -83,7 +107,7 @@ def build_router(handler: BatchHandler, settings: DepositsSettings, metrics: Dep
                         reason, exc, exc_info=not isinstance(exc, RetryBatch))
             metrics.batch_retries.labels(reason).inc()
             await asyncio.sleep(_DATABASE_DOWN_WAIT_S)
-            await batch.nack()
+            _rewind(batch.consumer, records)
             return
         await batch.ack()
         metrics.batch(len(records), asyncio.get_running_loop().time() - began)
@@ -93,3 +117,16 @@ def build_router(handler: BatchHandler, settings: DepositsSettings, metrics: Dep
             log.exception("post-commit hook failed")
 
     return router
+
+
+def _rewind(consumer: Any, records: Sequence[ConsumerRecord[bytes, bytes]]) -> None:
+    """Seek every partition of the batch back to its first record: the whole batch is read
+    again. (Done here rather than by ``nack()``, whose batch behaviour changed across
+    FastStream releases.) A partition revoked meanwhile is its next owner's, from the commit."""
+    first: dict[TopicPartition, int] = {}
+    for r in records:
+        tp = TopicPartition(r.topic, r.partition)
+        first[tp] = min(first.get(tp, r.offset), r.offset)
+    for tp, offset in first.items():
+        with contextlib.suppress(IllegalStateError):
+            consumer.seek(tp, offset)

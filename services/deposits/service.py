@@ -249,7 +249,8 @@ class DepositsService:
             try:
                 return await retrying(lambda: self._decide_batch(messages))
             except ConcurrencyError as exc:
-                self._cache.pop(str(exc.details.get("stream_id")), None)
+                if exc.details.get("stream_id"):  # else a claim raced: the cache is still right
+                    self._cache.pop(str(exc.details["stream_id"]), None)
                 if attempt == MAX_CONFLICT_RETRIES:
                     raise
                 await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)

@@ -44,9 +44,11 @@ _TRANSIENT: tuple[type[BaseException], ...] = (
 
 
 # Raised by the unit of work's own code, not by the driver: passed through untranslated.
+# (HarbourError is not here: an InfrastructureError translated inside the unit of work may be
+# retryable, and map_error passes Harbour's errors through unchanged anyway.)
 _NOT_THE_DATABASE: tuple[type[Exception], ...] = (
-    HarbourError, ArithmeticError, AssertionError, AttributeError, LookupError, NameError,
-    RuntimeError, TypeError, ValueError)
+    ArithmeticError, AssertionError, AttributeError, LookupError, NameError, RuntimeError,
+    TypeError, ValueError)
 
 
 def map_error(exc: BaseException) -> HarbourError:

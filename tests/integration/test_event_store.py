@@ -9,7 +9,7 @@ import asyncpg
 import pytest
 
 from shared.errors import ConcurrencyError, DuplicateError, InfrastructureError
-from shared.store.errors import retrying
+from shared.store.errors import retrying, translated
 from shared.store.event_store import EventStore, NewEvent
 
 pytestmark = [pytest.mark.integration, pytest.mark.postgres]
@@ -223,3 +223,17 @@ async def test_retrying_leaves_conflicts_and_bugs_to_the_caller(pool: asyncpg.Po
     with pytest.raises(RuntimeError):  # not dressed up as an infrastructure error
         await retrying(buggy)
     assert calls == 2
+
+
+async def test_retrying_reruns_errors_already_translated_as_transient() -> None:
+    calls = 0
+
+    async def deadlocked_once() -> int:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            with translated():
+                raise asyncpg.DeadlockDetectedError("deadlock detected")
+        return calls
+
+    assert await retrying(deadlocked_once, first_delay_ms=1) == 2

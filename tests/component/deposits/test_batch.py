@@ -294,6 +294,21 @@ async def test_a_database_outage_reads_the_batch_again_and_parks_nothing(
     from services.deposits.consumer import RetryBatch
 
     await harness.pool.close()
+    with pytest.raises(RetryBatch):  # and the malformed record waits for the batch to go through
+        await harness.send(b"{not json", _record(ONBOARD))
+    assert harness.parked == []
+
+
+async def test_a_database_that_refuses_every_write_is_waited_out_not_dead_lettered(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    from services.deposits.consumer import RetryBatch
+    from shared.errors import InfrastructureError
+
+    async def disk_full(_: Any) -> Any:
+        raise InfrastructureError("could not extend file", retryable=False, sqlstate="53100")
+
+    monkeypatch.setattr(harness.service, "handle_batch", disk_full)
+    monkeypatch.setattr(harness.service, "handle", disk_full)
     with pytest.raises(RetryBatch):
         await harness.send(_record(ONBOARD))
     assert harness.parked == []

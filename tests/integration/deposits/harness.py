@@ -340,10 +340,11 @@ class World:
         await self.publish_raw(self.commands, encode(envelope), key or _key_of(payload))
         return envelope
 
-    async def publish_raw(self, topic: str, value: bytes, key: str | bytes | None) -> None:
+    async def publish_raw(self, topic: str, value: bytes, key: str | bytes | None,
+                          headers: list[tuple[str, bytes | None]] | None = None) -> None:
         assert self._producer is not None
         raw_key = key.encode() if isinstance(key, str) else key
-        await self._producer.send_and_wait(topic, value, key=raw_key)
+        await self._producer.send_and_wait(topic, value, key=raw_key, headers=headers)
 
     async def _agent(self, item: Received) -> None:
         """The settlement agent (CHATS): answers each pacs.009 by the test's policy."""

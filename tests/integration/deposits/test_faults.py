@@ -214,3 +214,19 @@ async def test_batches_the_database_cannot_take_are_read_again_not_lost(world: W
     assert not world.metrics.registry.get_sample_value(
         "harbour_deposits_messages_total", {"outcome": "dead_lettered"})
     await world.assert_books()
+
+
+async def test_records_with_headers_that_are_not_text_are_still_handled(world: World) -> None:
+    """A null or non-UTF-8 header value (a tracing system's, say) must not make the batch it is
+    in disappear: FastStream's batch parser decodes every header as text."""
+    await world.issue(HSBC, "alice", "HKD", "100.00")
+    await world.fund(HSBC, "HKD", "100.00")
+    u = str(uuid.uuid4())
+    command = new_envelope(ev.InstructTransfer(
+        uetr=u, end_to_end_id="E2E-HDR", payer_participant=HSBC, payer_wallet="alice",
+        payee_participant=HASE, payee_wallet="bob", currency="HKD", amount="10.00"),
+        producer="tests", participant=HSBC)
+    await world.publish_raw(world.commands, encode(command), u,
+                            headers=[("trace", b"\xff\xfe\x00"), ("baggage", None)])
+    assert isinstance(await world.final(u), ev.TransferSettled)
+    assert await world.balance(acc.wallet_account(HASE, "HKD", "bob")) == 1000
