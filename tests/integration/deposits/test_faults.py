@@ -10,6 +10,7 @@ every asset nets to zero.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections import Counter
@@ -230,3 +231,61 @@ async def test_records_with_headers_that_are_not_text_are_still_handled(world: W
                             headers=[("trace", b"\xff\xfe\x00"), ("baggage", None)])
     assert isinstance(await world.final(u), ev.TransferSettled)
     assert await world.balance(acc.wallet_account(HASE, "HKD", "bob")) == 1000
+
+
+async def test_two_instances_in_one_group_settle_every_transfer_once(world: World) -> None:
+    """A second deposits instance joins the group while transfers are between their legs: the
+    partitions are rebalanced mid-run, a transfer's ledger answers may land on either instance
+    (they are keyed by ledger account, not by transfer), and both decide batches of the same
+    streams. Every transfer still settles exactly once and the books balance."""
+    from services.deposits.app import run_deposits
+    from services.deposits.metrics import DepositsMetrics
+    from shared.config import KafkaSettings, PostgresSettings
+
+    for ccy in ("CNH", "HKD"):
+        await world.issue(HSBC, "alice", ccy, "1000.00")
+        await world.fund(HSBC, ccy, "1000.00")
+    kinds = [("CNH", (HASE, "bob")), ("HKD", (HASE, "bob")), ("CNH", (HSBC, "carol"))]
+    sent: list[tuple[str, tuple[str, str], str]] = []
+
+    async def pay() -> None:
+        ccy, payee = kinds[len(sent) % len(kinds)]
+        sent.append((ccy, payee, await world.transfer("1.00", ccy, payee=payee)))
+
+    def decided(metrics: DepositsMetrics) -> float:
+        return metrics.registry.get_sample_value(
+            "harbour_deposits_messages_total", {"outcome": "decided"}) or 0
+
+    for _ in range(9):
+        await pay()
+    stop = asyncio.Event()
+    metrics = DepositsMetrics()
+    second = asyncio.create_task(run_deposits(
+        KafkaSettings(kafka_bootstrap=world.bootstrap, client_id="test-deposits-2"),
+        PostgresSettings(database_url=world.db_url), world.settings(), stop, clock=world.clock,
+        metrics=metrics))
+    try:
+        for _ in range(300):  # keep transfers in flight until the rebalance has happened
+            if decided(metrics) > 0:
+                break
+            await pay()
+            await asyncio.sleep(0.05)
+        assert decided(metrics) > 0, "the second instance never got a partition"
+        for _ in range(9):
+            await pay()
+        finals = [await world.final(u, timeout_s=60) for _, _, u in sent]
+        assert all(isinstance(f, ev.TransferSettled) for f in finals), finals
+        await world.quiet()
+        for _, _, u in sent:
+            assert len(world.log.of(ev.TransferSettled, uetr=u)) == 1
+        paid = Counter((ccy, payee) for ccy, payee, _ in sent)
+        for (ccy, payee), n in paid.items():
+            assert await world.balance(acc.wallet_account(payee[0], ccy, payee[1])) == 100 * n
+        for ccy in ("CNH", "HKD"):
+            out = sum(n for (c, _), n in paid.items() if c == ccy)
+            assert await world.balance(acc.wallet_account(HSBC, ccy, "alice")) == 100000 - 100 * out
+        await world.assert_books()
+        assert decided(world.metrics) > 0
+    finally:
+        stop.set()
+        await asyncio.wait_for(second, 30)
