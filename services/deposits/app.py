@@ -140,8 +140,7 @@ async def run_deposits(
     policy = DeadLetterMiddleware(max_attempts=settings.max_attempts)
     broker = make_broker(kafka, dead_letters=policy, log_level=logging.DEBUG)
     handler = BatchHandler(
-        service, commands_topic=settings.commands_topic,
-        results_topic=settings.ledger_results_topic, policy=policy, metrics=metrics,
+        service, results_topic=settings.ledger_results_topic, policy=policy, metrics=metrics,
         dead_letter=_dead_letters(broker, policy, settings.group_id))
     broker.include_router(build_router(handler, settings, metrics, after=wake_queues))
     relay = OutboxRelay(postgres.database_url, "deposits", kafka.kafka_bootstrap,

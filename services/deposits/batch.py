@@ -15,6 +15,7 @@ A Kafka batch is decided message by message, in partition order, but read and wr
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Any, Final
 
 from pydantic_core import to_json
@@ -88,6 +89,9 @@ class BatchPlan:
     views: dict[str, tuple[str, dict[str, Any]]] = field(default_factory=dict)
     """Per stream: its read-model table and row (the last state of the batch wins)."""
     refusals: list[dict[str, Any]] = field(default_factory=list)
+    wakeups: list[tuple[str, datetime | None]] = field(default_factory=list)
+    """Transfers an internal command left unchanged, and their next wake-up (not part of the
+    decisions' transaction: a lost one only wakes the transfer again)."""
 
     def __bool__(self) -> bool:
         return bool(self.consumers or self.events)

@@ -54,11 +54,9 @@ class RetryBatch(Exception):
 class BatchHandler:
     """Decode, decide and record one batch of records (module docstring)."""
 
-    def __init__(self, service: DepositsService, *, commands_topic: str, results_topic: str,
-                 dead_letter: DeadLetter, policy: DeadLetterMiddleware,
-                 metrics: DepositsMetrics) -> None:
+    def __init__(self, service: DepositsService, *, results_topic: str, dead_letter: DeadLetter,
+                 policy: DeadLetterMiddleware, metrics: DepositsMetrics) -> None:
         self._service = service
-        self._commands = commands_topic
         self._results = results_topic
         self._dead_letter = dead_letter
         self._policy = policy
@@ -130,8 +128,7 @@ class BatchHandler:
                 if failure.retryable and attempt < self._policy.max_attempts:
                     log.warning("%s failed (attempt %d of %d, %s): %r; retrying", _where(record),
                                 attempt, self._policy.max_attempts, failure.code, exc)
-                    await asyncio.sleep(min(self._policy.backoff_s * 2 ** (attempt - 1),
-                                            self._policy.backoff_max_s))
+                    await asyncio.sleep(self._policy.backoff(attempt))
                     continue
                 await self._park(record, exc, failure, attempt)
                 return None

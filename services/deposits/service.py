@@ -1,39 +1,36 @@
-"""The deposits application service: decisions recorded in PostgreSQL, a batch or one at a time.
+"""The deposits application service: decisions recorded in PostgreSQL, one batch at a time.
 
-Kafka's records arrive in batches (``consumer.py``): :meth:`DepositsService.handle_batch` reads
-what the whole batch needs in one query, decides each message in order on that view (kept current
-by the batch's own decisions, ``batch.py``) and records every decision in one transaction,
-``deposits.record_decisions`` (migration 0002). What follows describes one message; a batch does
-the same for each of its messages, with the same guards, in one round trip.
+Everything goes through :meth:`DepositsService.handle_batch`: a Kafka batch (``router.py``,
+``consumer.py``), one message of a batch that failed (a batch of one) and the scheduler's internal
+:class:`~services.deposits.domain.Tick` / ``RetrySettlement`` (a batch of one without envelope).
+A batch is one unit of work:
 
-Every message (a command from ``deposits.commands``, a ledger answer from the deposits reply
-topic, or an internal :class:`~services.deposits.domain.Tick` / ``RetrySettlement`` from the
-scheduler) is decided and recorded as one unit of work:
-
-1. find the stream: :func:`~services.deposits.domain.stream_of` for commands, the
+1. find each message's stream: :func:`~services.deposits.domain.stream_of` for commands, the
    ``ledger_key -> stream`` route remembered with each request for ledger answers (unknown keys
-   are not ours: a no-op);
-2. read the stream (an in-process cache keeps decided states; only newer events are read) and
-   the :class:`~services.deposits.domain.Context` (clock, configuration, the participants and
-   wallets the decision names, the payer's queue depth) in one query, and decide;
-3. record the decision in one transaction, ``deposits.record_decision`` (migration 0001): the
-   inbox claim ``(consumer, envelope event id)`` (a redelivered record is a no-op), the events
-   appended after the version decided from (the events primary key is the optimistic-concurrency
-   guard: a stream that moved on is a ``ConcurrencyError``, and the message is decided again on
-   the fresh state), the outbox rows (public events to the events topic keyed by the stream's id;
-   ledger commands to ``ledger.commands`` with the deterministic envelope id of
+   are not ours: a no-op), the given stream for internal commands;
+2. read what the batch needs in one query (two when a stream is neither cached nor named by its
+   message): the streams' newer events (an in-process cache keeps decided states), the
+   participants and wallets the decisions name, the payers' queue depths, and the inbox claims
+   ``(consumer, envelope event id)`` of its messages (a redelivered record is a no-op);
+3. decide each message in order on that view, which the batch's own decisions keep current
+   (``batch.BatchView``): each message sees what it would have seen had the ones before it been
+   committed one by one;
+4. record every decision in one transaction, ``deposits.record_decisions`` (migration 0002):
+   inbox claims, the events appended after the version each stream was decided from (a stream
+   that moved on, or a message claimed meanwhile, is a ``ConcurrencyError``: the batch is read
+   and decided again), the outbox rows (public events to the events topic keyed by the stream's
+   id; ledger commands to ``ledger.commands`` with the deterministic envelope id of
    ``accounts.ledger_event_id`` and ``reply_to`` the deposits reply topic), the ledger routes and
-   the read-model row (transfers, conversions, participants, wallets). The function does what
-   ``Inbox.claim``, ``EventStore.append`` and ``Outbox.add_many`` do, on the same tables with the
-   same guards, in one round trip instead of six: on a two-core machine the round trips, not the
-   decisions, were the cost of a message.
+   the last read-model row of each stream. It does what ``Inbox.claim``, ``EventStore.append``
+   and ``Outbox.add_many`` do, on the same tables with the same guards, in one round trip: on a
+   two-core machine the round trips, not the decisions, were the cost of a message.
 
 A refusal by a business rule on an existing aggregate (``DepositsError``, or ``id_conflict``)
 records nothing on the stream; it is stored in ``deposits.refusals`` with its code (audit trail,
 X-7) in the same transaction as the inbox claim, so it is answered once. Malformed input never gets
 this far: the consumer (``consumer.py``) dead-letters what ``shared.events.envelope.decode``
-refuses, with the reason. Internal commands carry no envelope and
-need no inbox: a tick that finds nothing to do records nothing.
+refuses, with the reason. Internal commands carry no envelope and need no inbox: a tick that
+finds nothing to do records nothing but its next wake-up.
 
 After commit the outcome says which settlement queues (TD-5) may move: the bank's settlement
 account was funded or credited, or a transfer left its queue. :meth:`dispatch` wakes the head of
@@ -139,15 +136,21 @@ class Outcome:
 
 @dataclass(frozen=True, slots=True)
 class Message:
-    """A consumed record, decoded: which inbox consumer it belongs to, envelope and payload."""
+    """What is decided: a consumed record (its inbox consumer, envelope and payload), or an
+    internal command of the scheduler (no consumer, no envelope, the stream it is for)."""
 
-    consumer: str
-    envelope: Envelope
-    payload: Payload
+    consumer: str | None
+    envelope: Envelope | None
+    payload: Any
+    stream: str | None = None
+    """Set for internal commands; a record's stream follows from its payload."""
 
     @property
-    def message_id(self) -> str:
-        return str(self.envelope.event_id)
+    def claim(self) -> tuple[str, str] | None:
+        """The inbox key ``(consumer, envelope event id)``; internal commands need none."""
+        if self.consumer is None or self.envelope is None:
+            return None
+        return self.consumer, str(self.envelope.event_id)
 
 
 @dataclass(slots=True)
@@ -230,9 +233,8 @@ class DepositsService:
         return await self.handle(self.result_message(envelope, payload))
 
     async def handle(self, message: Message) -> Outcome:
-        """One message in a transaction of its own (the batch's fallback, module docstring)."""
-        stream = dm.stream_of(message.payload) if message.consumer == CONSUMER_COMMANDS else None
-        return await self._run(message.consumer, message.envelope, message.payload, stream)
+        """One message in a transaction of its own (the batch's fallback): a batch of one."""
+        return (await self.handle_batch([message]))[0]
 
     async def handle_batch(self, messages: Sequence[Message]) -> list[Outcome]:
         """Decide ``messages`` in order and record every decision in one transaction.
@@ -260,7 +262,7 @@ class DepositsService:
         """Deliver an internal command (the scheduler's Tick, the queue's RetrySettlement)."""
         if not stream.startswith("transfer:"):
             raise ValueError(f"internal commands go to transfers, not {stream!r}")
-        return await self._run(None, None, command, stream)
+        return await self.handle(Message(None, None, command, stream))
 
     async def dispatch(self, queue_keys: Iterable[str], *, rounds: int = 64) -> int:
         """Wake the head of each queue with ``RetrySettlement``; follow the queues it moves.
@@ -301,9 +303,7 @@ class DepositsService:
 
     async def postpone(self, stream: str, until: datetime) -> None:
         """Move a transfer's wake-up to ``until`` (a tick of it failed; try again later)."""
-        await self._pool.execute(
-            "UPDATE deposits.transfers SET next_wakeup_at = $2 WHERE uetr = $1",
-            stream.split(":", 1)[1], until)
+        await self._pool.execute(_POSTPONE_SQL, [stream.split(":", 1)[1]], [until])
 
     async def queue_stats(self) -> dict[str, tuple[int, float]]:
         """Per settlement queue: how many transfers wait and how long (seconds, by this
@@ -322,127 +322,7 @@ class DepositsService:
         self._queues = {r["queue_key"] for r in rows}
         return sorted(self._queues)
 
-    # --- the unit of work ----------------------------------------------------------------------
-
-    async def _run(self, consumer: str | None, envelope: Envelope | None, command: Any,
-                   stream: str | None) -> Outcome:
-        for attempt in range(1, MAX_CONFLICT_RETRIES + 1):
-            try:
-                return await retrying(
-                    lambda: self._decide_and_record(consumer, envelope, command, stream))
-            except ConcurrencyError as exc:
-                # Another writer appended to the stream first: our view of it is stale.
-                self._cache.pop(str(exc.details.get("stream_id", stream)), None)
-                if attempt == MAX_CONFLICT_RETRIES:
-                    raise
-                await asyncio.sleep(random.uniform(0.001, 0.01) * attempt)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _decide_and_record(self, consumer: str | None, envelope: Envelope | None,
-                                 command: Any, stream: str | None) -> Outcome:
-        async with self._pool.acquire() as conn:
-            if stream is None:
-                stream = self._routes.get(command.command_id) or await conn.fetchval(
-                    "SELECT stream_id FROM deposits.ledger_routes WHERE ledger_key = $1",
-                    command.command_id)
-                if stream is None:
-                    return Outcome(None)  # not an answer to anything we asked
-            decide, evolve = _AGGREGATES[stream.split(":", 1)[0]]
-            version, state, ctx = await self._read(conn, stream, command, evolve)
-            refusal: HarbourError | None = None
-            try:
-                events = decide(state, command, ctx)
-            except (DomainError, IdempotencyConflictError) as exc:
-                # DepositsError and InstructionConflictError (id_conflict): nothing is recorded
-                # on the stream; the refusal is kept with the message that caused it.
-                refusal, events = exc, []
-            if not events:
-                if refusal is not None and envelope is not None and consumer is not None:
-                    log.info("%s %s refused on %s: %s (%s)", envelope.type, envelope.event_id,
-                             stream, refusal.code, refusal.message)
-                    await self._record(conn, stream, version, consumer, envelope, [], None,
-                                       ctx.now, refusal)
-                elif envelope is None and isinstance(state, dm.Transfer):
-                    await self._reschedule(conn, state, ctx.now)
-                return Outcome(stream, refusal=refusal, state=state)
-            new_state = dm.fold(evolve, events, state)
-            status = await self._record(conn, stream, version, consumer, envelope, events,
-                                        new_state, ctx.now, None)
-        if status == "duplicate":
-            return Outcome(stream, duplicate=True)
-        self._put(stream, _Cached(version + len(events), new_state))
-        for event in events:
-            if isinstance(event, ev.LedgerCommandRequested):
-                self._remember_route(event.ledger_key, stream)
-        return Outcome(stream, tuple(events), wake_queues=_queues_to_wake(state, new_state,
-                                                                           events),
-                       state=new_state)
-
-    async def _record(self, conn: asyncpg.Connection, stream: str, version: int,
-                      consumer: str | None, envelope: Envelope | None,
-                      events: Sequence[Payload], state: Any, now: datetime,
-                      refusal: HarbourError | None) -> str:
-        """Write one decision (``deposits.record_decision``): inbox claim, events with the
-        expected version, outbox rows, ledger routes, read model, refusal. Returns ``ok`` or
-        ``duplicate``; raises ``ConcurrencyError`` when the stream moved on."""
-        ids = [new_id() for _ in events]
-        stored = [self._stored(e, i, envelope) for e, i in zip(events, ids, strict=True)]
-        messages = self._messages(stream, events, ids, envelope, state)
-        asked = [e for e in events if isinstance(e, ev.LedgerCommandRequested)]
-        view, fields = self._view_row(state, version + len(events), now)
-        row = json.dumps(fields) if fields is not None else None
-        refused = None
-        if refusal is not None and envelope is not None:
-            refused = json.dumps(refusal_row(str(envelope.event_id), stream, envelope.type,
-                                             envelope.participant, refusal))
-        with translated():
-            status = await conn.fetchval(
-                _RECORD_SQL, stream, version,
-                consumer if envelope is not None else None,
-                str(envelope.event_id) if envelope is not None else None,
-                [e.event_id for e in stored], [e.type for e in stored],
-                [e.schema_version for e in stored], [json.dumps(e.payload) for e in stored],
-                [json.dumps(e.metadata) for e in stored],
-                [m.topic for m in messages], [m.key for m in messages],
-                [m.value for m in messages], [json.dumps(m.headers) for m in messages],
-                [e.ledger_key for e in asked], [e.purpose for e in asked],
-                [e.command_id for e in asked], view, row, refused)
-        if status == "conflict":
-            raise ConcurrencyError(f"stream {stream!r} moved past version {version}",
-                                   stream_id=stream, expected_version=version)
-        return str(status)
-
-    async def _read(self, conn: asyncpg.Connection, stream: str, command: Any, evolve: Evolve
-                    ) -> tuple[int, Any, dm.Context]:
-        """The stream (cached state plus newer events) and the decision's context, in one
-        round trip when the parties are known up front (a warm cache or a command naming
-        them), in two otherwise."""
-        cached = self._cache.get(stream)
-        version, state = (cached.version, cached.state) if cached else (0, None)
-        parties = _parties(state if state is not None else command)
-        if parties is None and cached is None and not isinstance(command, _NAMES_NOBODY):
-            version, state = self._fold(stream, version, state, evolve, await conn.fetch(
-                _READ_SQL, stream, version, [], [], [], None, None))
-            parties = _parties(state)
-        banks, wallets, queue = parties or (set(), set(), None)
-        w = sorted(wallets)
-        rows = await conn.fetch(_READ_SQL, stream, version, sorted(banks), [b for b, _ in w],
-                                [i for _, i in w], queue[0] if queue else None,
-                                queue[1] if queue else None)
-        version, state = self._fold(stream, version, state, evolve, rows)
-        participants: dict[str, dm.Participant] = {}
-        directory: dict[str, dm.Wallet] = {}
-        depth: dict[str, int] = {}
-        for kind, number, key, _, raw in rows:
-            if kind == "p":
-                participants[key] = self._directory.get(key, number, raw, dm.Participant)
-            elif kind == "w":
-                directory[key] = self._directory.get(key, number, raw, dm.Wallet)
-            elif kind == "q" and number:
-                depth[key] = int(number)
-        ctx = dm.Context(now=self.clock.now(), config=self.config, participants=participants,
-                         wallets=directory, queue_depth=depth)
-        return version, state, ctx
+    # --- the stream cache ---------------------------------------------------------------------
 
     def _fold(self, stream: str, version: int, state: Any, evolve: Evolve,
               rows: Sequence[asyncpg.Record]) -> tuple[int, Any]:
@@ -484,6 +364,9 @@ class DepositsService:
                         for m, stream in zip(messages, streams, strict=True)]
             if plan:
                 await self._record_batch(conn, plan)
+            if plan.wakeups:
+                await conn.execute(_POSTPONE_SQL, [u for u, _ in plan.wakeups],
+                                   [due for _, due in plan.wakeups])
         for stream, value in cached.items():
             self._put(stream, value)
         for ledger_key, stream, _, _ in plan.routes:
@@ -501,8 +384,8 @@ class DepositsService:
             found = dict(await conn.fetch(
                 "SELECT ledger_key, stream_id FROM deposits.ledger_routes "
                 "WHERE ledger_key = ANY($1::text[])", sorted(unknown)))
-        return [dm.stream_of(m.payload) if key is None
-                else self._routes.get(key) or found.get(key)
+        return [m.stream or (dm.stream_of(m.payload) if key is None
+                             else self._routes.get(key) or found.get(key))
                 for m, key in zip(messages, answered, strict=True)]
 
     async def _read_batch(self, conn: asyncpg.Connection, messages: Sequence[Message],
@@ -533,7 +416,7 @@ class DepositsService:
                     queues[found[2][1]] = found[2][0]
         known = sorted(view.states)
         w = sorted(wallets)
-        claims = [(m.consumer, m.message_id) for m in messages]
+        claims = [m.claim for m in messages if m.claim is not None]
         rows = await conn.fetch(
             _READ_BATCH_SQL, known, [view.states[s][0] for s in known], sorted(banks),
             [b for b, _ in w], [i for _, i in w], sorted(set(queues.values())), sorted(queues),
@@ -574,10 +457,10 @@ class DepositsService:
     def _decide_in_batch(self, message: Message, stream: str | None, view: BatchView,
                          plan: BatchPlan, cached: dict[str, _Cached]) -> Outcome:
         """One message of the batch: decided on the view, its rows added to the plan."""
-        claim = (message.consumer, message.message_id)
+        claim, envelope = message.claim, message.envelope
         if stream is None:
             return Outcome(None)  # not an answer to anything we asked
-        if claim in view.claimed:
+        if claim is not None and claim in view.claimed:
             return Outcome(stream, duplicate=True)
         decide, evolve = _AGGREGATES[stream.split(":", 1)[0]]
         version, state = view.states[stream]
@@ -585,31 +468,39 @@ class DepositsService:
         try:
             events = decide(state, message.payload, ctx)
         except (DomainError, IdempotencyConflictError) as exc:
-            # Recorded with the message (audit trail), nothing on the stream: as _decide_and_record.
-            log.info("%s %s refused on %s: %s (%s)", message.envelope.type, message.message_id,
-                     stream, exc.code, exc.message)
-            view.claimed.add(claim)
-            plan.claim(*claim)
-            plan.refuse(refusal_row(message.message_id, stream, message.envelope.type,
-                                    message.envelope.participant, exc))
+            if claim is not None and envelope is not None:
+                # Recorded with the message (audit trail, X-7), nothing on the stream.
+                log.info("%s %s refused on %s: %s (%s)", envelope.type, claim[1], stream,
+                         exc.code, exc.message)
+                view.claimed.add(claim)
+                plan.claim(*claim)
+                plan.refuse(refusal_row(claim[1], stream, envelope.type, envelope.participant,
+                                        exc))
             return Outcome(stream, refusal=exc, state=state)
         if not events:
+            if envelope is None and isinstance(state, dm.Transfer):
+                # An internal command changed nothing: move the wake-up so the clock cannot spin.
+                plan.wakeups.append((state.uetr, self._idle_wakeup(state, ctx.now)))
             return Outcome(stream, state=state)
         new_state = dm.fold(evolve, events, state)
         ids = [new_id() for _ in events]
-        plan.claim(*claim)
+        if claim is not None:
+            plan.claim(*claim)
+            view.claimed.add(claim)
         plan.append(stream, version,
-                    [self._stored(e, i, message.envelope) for e, i in zip(events, ids,
-                                                                          strict=True)],
-                    self._messages(stream, events, ids, message.envelope, new_state),
+                    [self._stored(e, i, envelope) for e, i in zip(events, ids, strict=True)],
+                    self._messages(stream, events, ids, envelope, new_state),
                     [e for e in events if isinstance(e, ev.LedgerCommandRequested)])
         plan.view(stream, *self._view_row(new_state, version + len(events), ctx.now))
-        view.claimed.add(claim)
         view.decided(stream, version + len(events), new_state)
         cached[stream] = _Cached(version + len(events), new_state)
         return Outcome(stream, tuple(events), wake_queues=_queues_to_wake(state, new_state,
                                                                            events),
                        state=new_state)
+
+    def _idle_wakeup(self, t: dm.Transfer, now: datetime) -> datetime | None:
+        due = dm.next_wakeup(t, self.config, now)
+        return now + _IDLE_TICK_BACKOFF if due is not None and due <= now else due
 
     def _batch_context(self, view: BatchView, source: Any) -> dm.Context:
         instruction = source.instruction if isinstance(source, dm.Transfer) else source
@@ -721,14 +612,6 @@ class DepositsService:
                     "updated_at": stamp}
         return None, None
 
-    async def _reschedule(self, conn: asyncpg.Connection, t: dm.Transfer, now: datetime) -> None:
-        """An internal command changed nothing: move the wake-up so the scheduler cannot spin."""
-        due = dm.next_wakeup(t, self.config, now)
-        if due is not None and due <= now:
-            due = now + _IDLE_TICK_BACKOFF
-        await conn.execute("UPDATE deposits.transfers SET next_wakeup_at = $2 WHERE uetr = $1",
-                           t.uetr, due)
-
 
 _NAMES_NOBODY = (ev.OnboardParticipant, ev.FundSettlementAccount)
 """Commands whose context needs no participant or wallet (the decision needs the config only)."""
@@ -801,25 +684,7 @@ def _queues_to_wake(before: Any, after: Any, events: Sequence[Payload]) -> froze
     return frozenset(keys)
 
 
-_READ_SQL: Final = """
-    SELECT 'e'::text AS kind, stream_version AS number, type AS key, schema_version,
-           payload::text AS raw
-    FROM deposits.events WHERE stream_id = $1 AND stream_version > $2
-    UNION ALL
-    SELECT 'p', stream_version, participant_id, 0, state::text
-    FROM deposits.participants WHERE participant_id = ANY($3::text[])
-    UNION ALL
-    SELECT 'w', w.stream_version, w.participant_id || ':' || w.wallet_id, 0, w.state::text
-    FROM deposits.wallets w
-    JOIN unnest($4::text[], $5::text[]) AS k(participant_id, wallet_id)
-      ON w.participant_id = k.participant_id AND w.wallet_id = k.wallet_id
-    UNION ALL
-    SELECT 'q', count(*)::int, $6::text, 0, NULL FROM deposits.transfers
-    WHERE $6::text IS NOT NULL AND queue_key = $6::text AND uetr <> $7::text
-"""
-
-_RECORD_SQL: Final = """
-    SELECT deposits.record_decision($1, $2, $3, $4, $5::uuid[], $6::text[], $7::int[],
-        $8::text[], $9::text[], $10::text[], $11::bytea[], $12::bytea[], $13::text[],
-        $14::text[], $15::text[], $16::text[], $17, $18, $19)
+_POSTPONE_SQL: Final = """
+    UPDATE deposits.transfers t SET next_wakeup_at = w.due
+    FROM unnest($1::text[], $2::timestamptz[]) AS w(uetr, due) WHERE t.uetr = w.uetr
 """

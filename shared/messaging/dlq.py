@@ -268,7 +268,8 @@ class DeadLetterMiddleware:
         if self._attempts:
             self._attempts.pop(key, None)
 
-    def _backoff(self, attempt: int) -> float:
+    def backoff(self, attempt: int) -> float:
+        """Seconds to wait before try ``attempt + 1`` (exponential, capped)."""
         return float(min(self.backoff_s * 2 ** (attempt - 1), self.backoff_max_s))  # float ok
 
     # --- the dead letter -----------------------------------------------------------------------
@@ -396,7 +397,7 @@ class DeadLetterScope(BaseMiddleware):
                 _message_of(exc_val),
                 exc_info=exc_val,
             )
-            await asyncio.sleep(policy._backoff(attempt))
+            await asyncio.sleep(policy.backoff(attempt))
             self._seek_back(subscriber, record)
             return False  # re-raise: NACK_ON_ERROR seeks back too, nothing is committed past it
 

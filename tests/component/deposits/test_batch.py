@@ -73,8 +73,8 @@ async def harness(db_url: str) -> AsyncIterator[Harness]:
                    __: int) -> None:
         parked.append((record.value, failure.code))
 
-    handler = BatchHandler(service, commands_topic=SETTINGS.commands_topic,
-                           results_topic=SETTINGS.ledger_results_topic, dead_letter=park,
+    handler = BatchHandler(service, results_topic=SETTINGS.ledger_results_topic,
+                           dead_letter=park,
                            policy=DeadLetterMiddleware(max_attempts=2, backoff_s=0),
                            metrics=DepositsMetrics())
     try:
