@@ -43,6 +43,17 @@ def _records(batch: dict[TopicPartition, list[ConsumerRecord]]) -> list[Record]:
 _POLL_IDLE_MS = 100  # with nothing to do, wait this long for records (then check expiries)
 _KAFKA_COMMIT_EVERY_S = 1.0
 _DECODE_CHUNK = 64  # records decoded between yields to the batch in flight (about 3 ms)
+# Records taken from aiokafka per fetch: decoded before the loop looks at the batch in flight
+# again, so this bounds how long a finished batch can wait for the next to start (~10 ms).
+_FETCH_RECORDS = 256
+
+
+async def _cancel(task: asyncio.Task[Any] | None) -> None:
+    """Cancel ``task`` and wait for it; whatever it returned or raised is dropped."""
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
 
 
 class _Staged:
@@ -184,13 +195,17 @@ class WriterLoop:
         await self.answers.start()
         await self.consumer.start()
         next_expiry = 0.0
-        # One batch in flight. Right after it goes to PostgreSQL (on the other core) the loop
-        # decodes whatever the fetcher has buffered; when it commits, it takes everything that
-        # arrived meanwhile too, and that is the next batch: records wait for at most one
-        # transaction ahead of them, and batches still apply strictly in order. (Two batches in
-        # flight at once, of disjoint partitions, were tried: with 10,000 accounts they share
-        # balance rows, so the second waits on the first's row locks and nothing is gained.)
+        # One batch in flight, and one fetch always waiting beside it. aiokafka sends no new
+        # fetch to a broker while records it fetched before sit unread in its buffer, so the
+        # loop takes every fetch the moment it lands and decodes it while the batch is with
+        # PostgreSQL (on the other core). When that batch commits, everything that arrived
+        # meanwhile is the next batch: a record waits for at most the one transaction ahead of
+        # it (reading only between batches, as before, made most wait for two), and batches
+        # still apply strictly in order. (Two batches in flight at once, of disjoint
+        # partitions, were tried: with 10,000 accounts they share balance rows, so the second
+        # waits on the first's row locks and nothing is gained.)
         inflight: asyncio.Task[bool] | None = None
+        fetch: asyncio.Task[dict[TopicPartition, list[ConsumerRecord]]] | None = None
         sweep: asyncio.Task[None] | None = None
         staged = _Staged()
         gauges = asyncio.create_task(self._refresh_gauges(), name="ledger-metrics")
@@ -203,23 +218,28 @@ class WriterLoop:
                     # stored watermarks, which answers everything after them again.
                     self.answers.reset_failure()
                     self.metrics.retries.labels("answers_failed").inc()
-                    await self.seek_to_stored(list(self.consumer.assignment()))
-                    staged = _Staged()
-                idle = inflight is None and not staged.size
-                if idle:
+                    fetch, staged = await self._read_again(fetch)
+                if inflight is None and not staged.size:  # idle
                     self._commit_to_kafka(force=True)
                     await self.save_answered()
-                await self._stage(staged, timeout_ms=_POLL_IDLE_MS if idle else 0)
-                if inflight is not None:
-                    ok, inflight = await inflight, None
+                room = self._max_records - staged.size
+                if fetch is None and room > 0:
+                    fetch = asyncio.create_task(self.consumer.getmany(
+                        timeout_ms=_POLL_IDLE_MS, max_records=min(room, _FETCH_RECORDS)))
+                await asyncio.wait([t for t in (fetch, inflight) if t is not None],
+                                   return_when=asyncio.FIRST_COMPLETED)
+                if fetch is not None and fetch.done():
+                    fetched, fetch = fetch.result(), None
+                    await self._decode(fetched, staged)
+                if inflight is not None and inflight.done():
+                    ok, inflight = inflight.result(), None
                     if not ok:
-                        # It failed and re-seeked its partitions; what is staged was read past
-                        # it, so those partitions go back to the stored offsets too.
-                        await self.seek_to_stored(staged.partitions())
-                        staged = _Staged()
+                        # It failed and re-seeked its partitions; what is staged or being
+                        # fetched was read past it, so every partition goes back to the
+                        # stored offsets.
+                        fetch, staged = await self._read_again(fetch)
                         continue
-                    await self._stage(staged, timeout_ms=0)  # what arrived meanwhile
-                if staged.size and self.answers.failed is None:
+                if inflight is None and staged.size and self.answers.failed is None:
                     inflight = asyncio.create_task(self._apply(*staged.take()))
                     self.batch_in_flight = inflight
                     staged = _Staged()
@@ -232,6 +252,7 @@ class WriterLoop:
             gauges.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await gauges
+            await _cancel(fetch)
             for task in (inflight, sweep):
                 if task is not None:
                     with contextlib.suppress(Exception):
@@ -241,20 +262,21 @@ class WriterLoop:
             with contextlib.suppress(Exception):
                 await self.consumer.stop()
 
-    async def _stage(self, staged: _Staged, *, timeout_ms: int) -> None:
-        """Fetch and decode what is buffered (waiting up to ``timeout_ms`` for it).
+    async def _read_again(self, fetch: asyncio.Task[Any] | None) -> tuple[None, _Staged]:
+        """Drop what is staged and being fetched; read every owned partition again from the
+        offsets stored in PostgreSQL."""
+        await _cancel(fetch)
+        await self.seek_to_stored(list(self.consumer.assignment()))
+        return None, _Staged()
 
-        Decoding goes in small chunks with a yield between them, so that the batch in flight
-        carries on the moment PostgreSQL answers it: decoding fills every wait of that batch
-        (loads, writes, commit) instead of holding up its next step.
-        """
-        room = self._max_records - staged.size
-        if room > 0:
-            batch = await self.consumer.getmany(timeout_ms=timeout_ms, max_records=room)
-            for tp, records in batch.items():
-                for start in range(0, len(records), _DECODE_CHUNK):
-                    staged.add(tp, records[start:start + _DECODE_CHUNK], self._writer)
-                    await asyncio.sleep(0)
+    async def _decode(self, fetched: dict[TopicPartition, list[ConsumerRecord]],
+                      staged: _Staged) -> None:
+        """Decode fetched records into ``staged``, in small chunks with a yield between them,
+        so that the batch in flight carries on the moment PostgreSQL answers it."""
+        for tp, records in fetched.items():
+            for start in range(0, len(records), _DECODE_CHUNK):
+                staged.add(tp, records[start:start + _DECODE_CHUNK], self._writer)
+                await asyncio.sleep(0)
 
     async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]],
                      records: list[Record], prepared: list[Any]) -> bool:

@@ -133,3 +133,51 @@ async def test_an_answer_kafka_refuses_goes_to_the_outbox_and_settlement_goes_on
         {"topic": commands, "partition": 0, "next_offset": 5, "answered_offset": 5,
          "unanswered": 0, "chain_sequence": 2},
         {"outbox_waiting": 1}]
+
+
+class _SlowFirstTransfer(LedgerWriter):
+    """Holds the batch that carries ``slow`` for a while, as a busy database would."""
+
+    def __init__(self, *args, slow: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._slow = slow.encode()
+
+    async def apply_batch(self, records, decoded=None, answered=None):
+        if any(self._slow in (r.value or b"") for r in records):
+            await asyncio.sleep(1.5)
+        return await super().apply_batch(records, decoded, answered)
+
+
+async def test_records_arriving_during_a_batch_all_go_into_the_next(
+        kafka_bootstrap: str, new_topic, pool: asyncpg.Pool) -> None:
+    # aiokafka fetches nothing more while records it fetched sit unread. A writer that read only
+    # between batches took one fetch's worth per batch: the rest of what arrived meanwhile waited
+    # for a batch more. Every record here arrives while the first transfer's batch is held.
+    commands = await new_topic("ledger.commands", partitions=1)
+    results = await new_topic("ledger.results", partitions=1)
+    setup = [L.asset("HKD", 2, reply_to=results), L.account("treasury", "HKD", reply_to=results),
+             L.account("c1", "HKD", reply_to=results)]
+    writer = WriterLoop(pool, _SlowFirstTransfer(pool, topic=commands, slow="held"),
+                        kafka_bootstrap, topic=commands, group_id=f"writer-{commands}")
+    task = asyncio.create_task(writer.run())
+    try:
+        await publish(kafka_bootstrap, commands, [(v, b"k", 0) for v in setup])
+        await read_results(kafka_bootstrap, results, len(setup))
+        await publish(kafka_bootstrap, commands, [
+            (L.transfer("held", "treasury", "c1", "HKD", "1.00", reply_to=results), b"k", 0)])
+        for i in range(4):  # one at a time, 200 ms apart, all within the held batch's 1.5 s
+            await asyncio.sleep(0.2)
+            await publish(kafka_bootstrap, commands, [
+                (L.transfer(f"t{i}", "treasury", "c1", "HKD", "1.00", reply_to=results),
+                 b"k", 0)])
+        out = await read_results(kafka_bootstrap, results, len(setup) + 5)
+    finally:
+        writer.stop()
+        await asyncio.gather(task, return_exceptions=True)
+    assert len(out) == len(setup) + 5
+    # One writer transaction stamps one time on all its results.
+    rows = await pool.fetch("SELECT command_id, recorded_at FROM ledger.results "
+                            "WHERE command_id IN ('held', 't0', 't1', 't2', 't3')")
+    applied_at = {r["command_id"]: r["recorded_at"] for r in rows}
+    assert len({applied_at[f"t{i}"] for i in range(4)}) == 1, applied_at
+    assert applied_at["t0"] > applied_at["held"]
