@@ -55,7 +55,11 @@ async def test_metrics_count_what_the_ledger_decided(
     async with R.Processes(db_url=db_url, bootstrap=kafka_bootstrap, topic=commands,
                            log_dir=tmp_path) as procs:
         writer = await procs.start(group, "writer", metrics_port=port)
+        # Kafka orders records within a partition only: the transfers (on every partition) go
+        # out once the accounts and funding (on partition 0) are applied, as a client must.
         await R.publish(kafka_bootstrap, commands, s.setup_items(), partition=0)
+        await R.wait_applied_and_relayed(pool, commands, len(s.setup), timeout_s=60,
+                                         procs=procs)
         await R.publish(kafka_bootstrap, commands, s.transfer_items() + garbage)
         total = len(s.setup) + len(s.transfers) + len(garbage)
         await R.wait_applied_and_relayed(pool, commands, total, timeout_s=60, procs=procs)
