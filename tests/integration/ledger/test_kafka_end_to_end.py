@@ -181,3 +181,56 @@ async def test_records_arriving_during_a_batch_all_go_into_the_next(
     applied_at = {r["command_id"]: r["recorded_at"] for r in rows}
     assert len({applied_at[f"t{i}"] for i in range(4)}) == 1, applied_at
     assert applied_at["t0"] > applied_at["held"]
+
+
+class _DatabaseDropsOnce(LedgerWriter):
+    """The first batch carrying ``trigger`` fails as a lost connection would, after a while."""
+
+    def __init__(self, *args, trigger: str, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._trigger = trigger.encode()
+        self.failed = False
+
+    async def apply_batch(self, records, decoded=None, answered=None):
+        if not self.failed and any(self._trigger in (r.value or b"") for r in records):
+            self.failed = True
+            await asyncio.sleep(0.5)  # records keep arriving, fetched and staged meanwhile
+            raise ConnectionResetError("connection to PostgreSQL lost")
+        return await super().apply_batch(records, decoded, answered)
+
+
+async def test_a_batch_lost_with_the_database_is_read_again_with_what_was_fetched_meanwhile(
+        kafka_bootstrap: str, new_topic, pool: asyncpg.Pool) -> None:
+    # The failed batch's records, and those fetched and decoded while it ran, were read past by
+    # the consumer: all of them must be read again from the stored offsets, applied once each.
+    commands = await new_topic("ledger.commands", partitions=2)
+    results = await new_topic("ledger.results", partitions=2)
+    setup = [L.asset("HKD", 2, reply_to=results), L.account("treasury", "HKD", reply_to=results),
+             L.account("c1", "HKD", reply_to=results)]
+    writer_core = _DatabaseDropsOnce(pool, topic=commands, trigger="drop")
+    writer = WriterLoop(pool, writer_core, kafka_bootstrap, topic=commands,
+                        group_id=f"writer-{commands}")
+    task = asyncio.create_task(writer.run())
+    try:
+        await publish(kafka_bootstrap, commands, [(v, b"k", 0) for v in setup])
+        await read_results(kafka_bootstrap, results, len(setup))
+        await publish(kafka_bootstrap, commands, [
+            (L.transfer("drop", "treasury", "c1", "HKD", "1.00", reply_to=results), b"k", 0)])
+        for i in range(10):  # both partitions, while the dropped batch is still running
+            await asyncio.sleep(0.05)
+            await publish(kafka_bootstrap, commands, [
+                (L.transfer(f"t{i}", "treasury", "c1", "HKD", "1.00", reply_to=results),
+                 b"k", i % 2)])
+        out = await read_results(kafka_bootstrap, results, len(setup) + 11)
+    finally:
+        writer.stop()
+        await asyncio.gather(task, return_exceptions=True)
+    assert writer_core.failed
+    transfers = [r for r in out if r["type"] == "ledger.PostingAccepted"
+                 and r["command_id"] in {"drop", *(f"t{i}" for i in range(10))}]
+    assert sorted(r["command_id"] for r in transfers) == sorted(
+        ["drop", *(f"t{i}" for i in range(10))])
+    assert int(await pool.fetchval(
+        "SELECT credits_posted FROM ledger.balances WHERE account_id = 'c1'")) == 1100
+    assert await pool.fetchval("SELECT count(*) FROM ledger.postings") == 11
+    assert (await verify(pool)).ok
