@@ -761,7 +761,7 @@ async def run_latency(label: str, prefix: str, accounts: Sequence[str],
                 # timed from its own schedule (so its wait here counts as latency, as a 5 ms
                 # linger would). The producer does not linger: all partitions' records of a
                 # tick leave in one request. Lingering per partition instead sent a request for
-                # every record or two at 2,000/s, and the bench took 37 to 40% of a core (28%
+                # every record or two at 2,000/s, and the bench took 37 to 40% of a core (26 to 30%
                 # this way) from the machine it measures. (A sleep under a millisecond would
                 # return at once and spin: the event loop's timers have millisecond resolution.)
                 await asyncio.sleep(min(max((schedule[i] - now) / 1e9, PACING_TICK_S), 0.05))

@@ -77,9 +77,6 @@ class _Staged:
         self.records += mine
         self.by_partition.setdefault(tp, []).extend(records)
 
-    def partitions(self) -> list[TopicPartition]:
-        return list(self.by_partition)
-
     def take(self) -> tuple[dict[TopicPartition, list[ConsumerRecord]], list[Record], list[Any]]:
         """The staged records in partition order (the order the writer applies them in)."""
         order = sorted(range(len(self.records)),
@@ -238,9 +235,8 @@ class WriterLoop:
                 if inflight is not None and inflight.done():
                     ok, inflight = inflight.result(), None
                     if not ok:
-                        # It failed and re-seeked its partitions; what is staged or being
-                        # fetched was read past it, so every partition goes back to the
-                        # stored offsets.
+                        # It failed: its records, and what is staged or being fetched
+                        # behind them, go back to the stored offsets, every partition.
                         fetch, staged = await self._read_again(fetch)
                         continue
                 if inflight is None and staged.size and self.answers.failed is None:
@@ -295,7 +291,8 @@ class WriterLoop:
 
     async def _apply(self, batch: dict[TopicPartition, list[ConsumerRecord]],
                      records: list[Record], prepared: list[Any]) -> bool:
-        """Apply one batch; on failure re-seek to the stored offsets and return False."""
+        """Apply one batch; on failure return False (the loop then reads every owned partition
+        again from the stored offsets)."""
         answered = self.answers.unsaved({r.partition for r in records})
         began = asyncio.get_running_loop().time()
         try:
@@ -303,18 +300,17 @@ class WriterLoop:
         except OffsetGapError as gap:
             log.warning("re-seeking: %s", gap)
             self.metrics.retries.labels("offset_gap").inc()
-            await self.seek_to_stored(list(batch))
             return False
         except (
             asyncpg.UniqueViolationError,
             asyncpg.DeadlockDetectedError,
             asyncpg.SerializationError,
         ) as race:
-            # Another writer got there first (same new id, asset or account): run the batch again
-            # from the stored offsets; the retry sees that writer's rows and answers accordingly.
+            # Another writer got there first (same new id, asset or account): the batch runs
+            # again from the stored offsets; the retry sees that writer's rows and answers
+            # accordingly.
             log.info("batch raced another writer, retrying: %s", race)
             self.metrics.retries.labels("raced").inc()
-            await self.seek_to_stored(list(batch))
             return False
         except (
             OSError,
@@ -322,12 +318,11 @@ class WriterLoop:
             asyncpg.InterfaceError,
             asyncpg.CannotConnectNowError,
         ) as down:
-            # PostgreSQL is unreachable: nothing was committed. Wait and re-read from the stored
-            # offsets; the records are still in Kafka.
+            # PostgreSQL is unreachable: nothing was committed. Wait; the batch is read again
+            # from the stored offsets, its records are still in Kafka.
             log.warning("database unavailable, retrying batch: %s", down)
             self.metrics.retries.labels("database_unavailable").inc()
             await asyncio.sleep(1.0)
-            await self.seek_to_stored(list(batch))
             return False
         if report.answered_to:  # the batch stored its progress, watermarks included
             self.answers.saved(answered)

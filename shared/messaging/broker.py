@@ -74,7 +74,7 @@ SUBSCRIBER_DEFAULTS: dict[str, Any] = {
     # buffered when it was sent is not in it (aiokafka/consumer/fetcher.py,
     # _get_actions_per_node): new records of that partition wait until that fetch returns,
     # which with aiokafka's default (500 ms) can take half a second when the partitions in it
-    # stay quiet. The ledger writer's own consumer uses the same bound.
+    # stay quiet. The ledger writer's own consumer uses the same bound when idle.
     "fetch_max_wait_ms": 20,
     "session_timeout_ms": 10_000,
     "heartbeat_interval_ms": 3_000,

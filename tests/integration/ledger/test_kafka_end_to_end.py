@@ -135,17 +135,51 @@ async def test_an_answer_kafka_refuses_goes_to_the_outbox_and_settlement_goes_on
         {"outbox_waiting": 1}]
 
 
-class _SlowFirstTransfer(LedgerWriter):
-    """Holds the batch that carries ``slow`` for a while, as a busy database would."""
+class _HoldsOneBatch(LedgerWriter):
+    """Holds the first batch that carries transfer ``held`` for ``hold_s``, as a busy database
+    would, then fails it with ``fails`` (as a lost connection would) if one is given."""
 
-    def __init__(self, *args, slow: str, **kwargs) -> None:
+    def __init__(self, *args, hold_s: float, fails: Exception | None = None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
-        self._slow = slow.encode()
+        self._hold_s, self._fails = hold_s, fails
+        self.held = False
 
     async def apply_batch(self, records, decoded=None, answered=None):
-        if any(self._slow in (r.value or b"") for r in records):
-            await asyncio.sleep(1.5)
+        if not self.held and any(b'"held"' in (r.value or b"") for r in records):
+            self.held = True
+            await asyncio.sleep(self._hold_s)  # records keep arriving, fetched meanwhile
+            if self._fails is not None:
+                raise self._fails
         return await super().apply_batch(records, decoded, answered)
+
+
+async def _trickle_behind_a_held_batch(
+        pool: asyncpg.Pool, bootstrap: str, new_topic, *, hold_s: float,
+        fails: Exception | None = None, partitions: int, count: int, every_s: float,
+) -> tuple[list[dict], _HoldsOneBatch]:
+    """Set up HKD, treasury and c1, then send transfer ``held`` and, one at a time ``every_s``
+    apart and round-robin over ``partitions``, transfers t0.. while the writer holds the batch
+    of ``held``. Returns every answer once all have come back, and the writer."""
+    commands = await new_topic("ledger.commands", partitions=partitions)
+    results = await new_topic("ledger.results", partitions=partitions)
+    setup = [L.asset("HKD", 2, reply_to=results), L.account("treasury", "HKD", reply_to=results),
+             L.account("c1", "HKD", reply_to=results)]
+    writer = _HoldsOneBatch(pool, topic=commands, hold_s=hold_s, fails=fails)
+    loop = WriterLoop(pool, writer, bootstrap, topic=commands, group_id=f"writer-{commands}")
+    task = asyncio.create_task(loop.run())
+    try:
+        await publish(bootstrap, commands, [(v, b"k", 0) for v in setup])
+        await read_results(bootstrap, results, len(setup))
+        names = ["held", *(f"t{i}" for i in range(count))]
+        for i, name in enumerate(names):
+            if i:
+                await asyncio.sleep(every_s)
+            transfer = L.transfer(name, "treasury", "c1", "HKD", "1.00", reply_to=results)
+            await publish(bootstrap, commands, [(transfer, b"k", max(i - 1, 0) % partitions)])
+        return await read_results(bootstrap, results, len(setup) + len(names)), writer
+    finally:
+        loop.stop()
+        await asyncio.gather(task, return_exceptions=True)
 
 
 async def test_records_arriving_during_a_batch_all_go_into_the_next(
@@ -153,28 +187,9 @@ async def test_records_arriving_during_a_batch_all_go_into_the_next(
     # aiokafka fetches nothing more while records it fetched sit unread. A writer that read only
     # between batches took one fetch's worth per batch: the rest of what arrived meanwhile waited
     # for a batch more. Every record here arrives while the first transfer's batch is held.
-    commands = await new_topic("ledger.commands", partitions=1)
-    results = await new_topic("ledger.results", partitions=1)
-    setup = [L.asset("HKD", 2, reply_to=results), L.account("treasury", "HKD", reply_to=results),
-             L.account("c1", "HKD", reply_to=results)]
-    writer = WriterLoop(pool, _SlowFirstTransfer(pool, topic=commands, slow="held"),
-                        kafka_bootstrap, topic=commands, group_id=f"writer-{commands}")
-    task = asyncio.create_task(writer.run())
-    try:
-        await publish(kafka_bootstrap, commands, [(v, b"k", 0) for v in setup])
-        await read_results(kafka_bootstrap, results, len(setup))
-        await publish(kafka_bootstrap, commands, [
-            (L.transfer("held", "treasury", "c1", "HKD", "1.00", reply_to=results), b"k", 0)])
-        for i in range(4):  # one at a time, 200 ms apart, all within the held batch's 1.5 s
-            await asyncio.sleep(0.2)
-            await publish(kafka_bootstrap, commands, [
-                (L.transfer(f"t{i}", "treasury", "c1", "HKD", "1.00", reply_to=results),
-                 b"k", 0)])
-        out = await read_results(kafka_bootstrap, results, len(setup) + 5)
-    finally:
-        writer.stop()
-        await asyncio.gather(task, return_exceptions=True)
-    assert len(out) == len(setup) + 5
+    out, _ = await _trickle_behind_a_held_batch(  # 200 ms apart, all within the held 1.5 s
+        pool, kafka_bootstrap, new_topic, hold_s=1.5, partitions=1, count=4, every_s=0.2)
+    assert len(out) == 3 + 5
     # One writer transaction stamps one time on all its results.
     rows = await pool.fetch("SELECT command_id, recorded_at FROM ledger.results "
                             "WHERE command_id IN ('held', 't0', 't1', 't2', 't3')")
@@ -183,53 +198,19 @@ async def test_records_arriving_during_a_batch_all_go_into_the_next(
     assert applied_at["t0"] > applied_at["held"]
 
 
-class _DatabaseDropsOnce(LedgerWriter):
-    """The first batch carrying ``trigger`` fails as a lost connection would, after a while."""
-
-    def __init__(self, *args, trigger: str, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self._trigger = trigger.encode()
-        self.failed = False
-
-    async def apply_batch(self, records, decoded=None, answered=None):
-        if not self.failed and any(self._trigger in (r.value or b"") for r in records):
-            self.failed = True
-            await asyncio.sleep(0.5)  # records keep arriving, fetched and staged meanwhile
-            raise ConnectionResetError("connection to PostgreSQL lost")
-        return await super().apply_batch(records, decoded, answered)
-
-
 async def test_a_batch_lost_with_the_database_is_read_again_with_what_was_fetched_meanwhile(
         kafka_bootstrap: str, new_topic, pool: asyncpg.Pool) -> None:
     # The failed batch's records, and those fetched and decoded while it ran, were read past by
     # the consumer: all of them must be read again from the stored offsets, applied once each.
-    commands = await new_topic("ledger.commands", partitions=2)
-    results = await new_topic("ledger.results", partitions=2)
-    setup = [L.asset("HKD", 2, reply_to=results), L.account("treasury", "HKD", reply_to=results),
-             L.account("c1", "HKD", reply_to=results)]
-    writer_core = _DatabaseDropsOnce(pool, topic=commands, trigger="drop")
-    writer = WriterLoop(pool, writer_core, kafka_bootstrap, topic=commands,
-                        group_id=f"writer-{commands}")
-    task = asyncio.create_task(writer.run())
-    try:
-        await publish(kafka_bootstrap, commands, [(v, b"k", 0) for v in setup])
-        await read_results(kafka_bootstrap, results, len(setup))
-        await publish(kafka_bootstrap, commands, [
-            (L.transfer("drop", "treasury", "c1", "HKD", "1.00", reply_to=results), b"k", 0)])
-        for i in range(10):  # both partitions, while the dropped batch is still running
-            await asyncio.sleep(0.05)
-            await publish(kafka_bootstrap, commands, [
-                (L.transfer(f"t{i}", "treasury", "c1", "HKD", "1.00", reply_to=results),
-                 b"k", i % 2)])
-        out = await read_results(kafka_bootstrap, results, len(setup) + 11)
-    finally:
-        writer.stop()
-        await asyncio.gather(task, return_exceptions=True)
-    assert writer_core.failed
+    out, writer = await _trickle_behind_a_held_batch(  # both partitions, within the held 0.5 s
+        pool, kafka_bootstrap, new_topic, hold_s=0.5,
+        fails=ConnectionResetError("connection to PostgreSQL lost"),
+        partitions=2, count=10, every_s=0.05)
+    assert writer.held
     transfers = [r for r in out if r["type"] == "ledger.PostingAccepted"
-                 and r["command_id"] in {"drop", *(f"t{i}" for i in range(10))}]
+                 and r["command_id"] in {"held", *(f"t{i}" for i in range(10))}]
     assert sorted(r["command_id"] for r in transfers) == sorted(
-        ["drop", *(f"t{i}" for i in range(10))])
+        ["held", *(f"t{i}" for i in range(10))])
     assert int(await pool.fetchval(
         "SELECT credits_posted FROM ledger.balances WHERE account_id = 'c1'")) == 1100
     assert await pool.fetchval("SELECT count(*) FROM ledger.postings") == 11
