@@ -107,15 +107,8 @@ class _SeekToStored(ConsumerRebalanceListener):
         # from Kafka's committed offset and then, after the seek, answered all over again.
         partitions = list(assigned)
         self._loop.consumer.pause(*partitions)
-        try:
-            await self._loop.seek_to_stored(partitions)
-        except Exception as exc:
-            # Resumed here they would read from Kafka's committed offset, which may be past the
-            # answered watermark: answers would be lost. They stay paused; the loop tries again.
-            log.warning("seek to the stored offsets failed, retrying: %r", exc)
-            self._loop.unseeked.update(partitions)
-            return
-        self._loop.consumer.resume(*partitions)
+        if await self._loop.seek_or_park(partitions):
+            self._loop.consumer.resume(*partitions)
 
 
 class WriterLoop:
@@ -178,17 +171,27 @@ class WriterLoop:
             else:
                 await self.consumer.seek_to_beginning(tp)
 
-    async def _seek_unseeked(self) -> None:
-        """Retry the seek of partitions whose assignment could not reach PostgreSQL."""
-        partitions = [tp for tp in self.unseeked if tp in self.consumer.assignment()]
+    async def seek_or_park(self, partitions: list[TopicPartition]) -> bool:
+        """Seek ``partitions`` to the stored offsets; if PostgreSQL cannot say what they are,
+        park them paused (the loop tries again every second) and return False. Read from
+        anywhere else, Kafka's committed offset say, they could skip records not yet answered
+        or applied; and the loop must outlive an outage, not die of it."""
         try:
             await self.seek_to_stored(partitions)
-        except (OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
-            log.warning("seek to the stored offsets failed again: %r", exc)
+        except Exception as exc:  # whatever stopped the seek, reading on unseeked is worse
+            log.warning("seek to the stored offsets failed, retrying in 1 s: %r", exc)
+            self.consumer.pause(*partitions)
+            self.unseeked.update(partitions)
             self._seek_again_at = asyncio.get_running_loop().time() + 1.0
-            return
-        self.consumer.resume(*partitions)
-        self.unseeked.clear()
+            return False
+        return True
+
+    async def _seek_unseeked(self) -> None:
+        """Retry the seek of partitions parked by :meth:`seek_or_park`."""
+        partitions = [tp for tp in self.unseeked if tp in self.consumer.assignment()]
+        if await self.seek_or_park(partitions):
+            self.consumer.resume(*partitions)
+            self.unseeked.clear()
 
     async def run(self) -> None:
         self.consumer.subscribe([self._topic], listener=_SeekToStored(self))
@@ -275,9 +278,9 @@ class WriterLoop:
 
     async def _read_again(self, fetch: asyncio.Task[Any] | None) -> tuple[None, _Staged]:
         """Drop what is staged and being fetched; read every owned partition again from the
-        offsets stored in PostgreSQL."""
+        offsets stored in PostgreSQL (once it can say what they are)."""
         await _cancel(fetch)
-        await self.seek_to_stored(list(self.consumer.assignment()))
+        await self.seek_or_park(list(self.consumer.assignment()))
         return None, _Staged()
 
     async def _decode(self, fetched: dict[TopicPartition, list[ConsumerRecord]],
