@@ -147,7 +147,7 @@ def read_record(value: bytes | None, key: bytes | None) -> Incoming | DeadLetter
 def _malformed(value: bytes, key: bytes | None, exc: ValidationError) -> Incoming | DeadLetter:
     raw = _raw_envelope(value)
     if raw is None or not isinstance(raw.get("event_id"), str):
-        return DeadLetter(exc)
+        return DeadLetter(_reason_only(exc))
     payload = raw.get("payload")
     posting_id = payload.get("posting_id") if isinstance(payload, dict) else None
     command_id = posting_id if isinstance(posting_id, str) and posting_id else raw["event_id"]
@@ -161,6 +161,15 @@ def _malformed(value: bytes, key: bytes | None, exc: ValidationError) -> Incomin
         detail += " " + json.dumps(errors)[:600]
     command = d.MalformedCommand(command_id, value, detail, code=code)
     return Incoming(command, None, reply_to, key)
+
+
+def _reason_only(exc: ValidationError) -> ValidationError:
+    """The error without the stack it was raised through. A dead letter waits for its batch to
+    commit; with its traceback it would keep the decoding frames, and through them the caller's
+    frame and the whole batch being prepared, in a reference cycle that only the cyclic collector
+    frees (which the writer runs as a safety net only: ``services/ledger/app.py``)."""
+    exc.__traceback__ = exc.__context__ = exc.__cause__ = None
+    return exc
 
 
 def _raw_envelope(value: bytes) -> dict[str, Any] | None:
