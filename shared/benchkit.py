@@ -25,8 +25,9 @@ from aiokafka.admin import AIOKafkaAdminClient
 from shared.runtime import die_with_parent
 
 __all__ = [
-    "LatencySummary", "ServiceProcess", "admin_execute", "delete_topics", "die_with_parent",
-    "pacing_schedule", "per_second", "percentile", "ratio", "summarize_ns", "with_database",
+    "HISTOGRAM_BUCKET_US", "LatencySummary", "ServiceProcess", "admin_execute", "delete_topics",
+    "die_with_parent", "histogram_ns", "pacing_schedule", "per_second", "percentile",
+    "pooled_summary", "ratio", "summarize_ns", "with_database",
 ]
 
 _REPO = Path(__file__).resolve().parents[1]
@@ -75,6 +76,48 @@ def summarize_ns(values_ns: Iterable[int]) -> LatencySummary | None:
         max_ms=ms[-1],
         mean_ms=sum(ms) / len(ms),
     )
+
+
+# A run's latencies are kept as counts per 100 µs: a few kilobytes of JSON per phase, and the
+# phases of many runs can then be pooled into one distribution (``harbour bench pool``).
+HISTOGRAM_BUCKET_US = 100
+
+
+def histogram_ns(values_ns: Iterable[int]) -> dict[int, int]:
+    """Counts of nanosecond samples per bucket of ``HISTOGRAM_BUCKET_US``, keyed by the bucket's
+    upper bound in µs (a sample is rounded up, so a percentile read back is never flattered)."""
+    counts: dict[int, int] = {}
+    width_ns = HISTOGRAM_BUCKET_US * 1000
+    for v in values_ns:
+        bound = max(1, -(-v // width_ns)) * HISTOGRAM_BUCKET_US
+        counts[bound] = counts.get(bound, 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def pooled_summary(histograms: Iterable[dict[int, int]]) -> LatencySummary | None:
+    """One distribution from several histograms of :func:`histogram_ns` (runs, phases):
+    nearest-rank percentiles as :func:`percentile`, to the bucket's resolution; None when
+    empty."""
+    pooled: dict[int, int] = {}
+    for histogram in histograms:
+        for bound, count in histogram.items():
+            pooled[int(bound)] = pooled.get(int(bound), 0) + count
+    total = sum(pooled.values())
+    if not total:
+        return None
+    bounds = sorted(pooled)
+
+    def at(q: float) -> float:
+        rank, seen = max(1, math.ceil(q / 100 * total)), 0
+        for bound in bounds:
+            seen += pooled[bound]
+            if seen >= rank:
+                return bound / 1000
+        return bounds[-1] / 1000  # pragma: no cover - rank <= total
+
+    return LatencySummary(
+        count=total, p50_ms=at(50), p90_ms=at(90), p99_ms=at(99), p999_ms=at(99.9),
+        max_ms=bounds[-1] / 1000, mean_ms=sum(b * c for b, c in pooled.items()) / total / 1000)
 
 
 def per_second(count: int, elapsed_ns: int) -> float:

@@ -74,5 +74,23 @@ def ledger(
         raise typer.Exit(1)
 
 
+@bench_app.command("pool")
+def pool(
+    reports: list[Path] = typer.Argument(..., exists=True, dir_okay=False,
+                                         help="`harbour bench ledger --json` reports"),
+) -> None:
+    """Pool the latency phases of several ledger runs: each run's p99 beside the percentiles of
+    every posting of every run together."""
+    import json
+
+    from services.ledger.bench import pool_reports, render_pooled
+
+    try:
+        pooled = pool_reports([json.loads(p.read_text()) for p in reports])
+    except (ValueError, KeyError) as exc:
+        raise typer.BadParameter(str(exc)) from None
+    render_pooled(pooled, console)
+
+
 bench_app.command("deposits")(deposits_bench)
 bench_app.command("gateway")(bench_gateway)

@@ -57,8 +57,10 @@ from shared.benchkit import (
     admin_execute,
     delete_topics,
     die_with_parent,
+    histogram_ns,
     pacing_schedule,
     per_second,
+    pooled_summary,
     ratio,
     summarize_ns,
     with_database,
@@ -153,6 +155,9 @@ class LatencyFigures:
     # (results.recorded_at: the writer's clock once the batch's rows are loaded and locked) and
     # the result record's CreateTime (the writer's send). Same host, so one wall clock.
     stages: dict[str, LatencySummary] = field(default_factory=dict)
+    # Every posting's latency, counted per 100 µs (shared.benchkit.histogram_ns): what
+    # `harbour bench pool` merges across runs.
+    histogram_us: dict[int, int] = field(default_factory=dict)
     max_send_lag_ms: float = 0.0  # how far the pacing loop fell behind its schedule
     achieved_per_s: float = 0.0
     writer_cpu_pct: float = 0.0
@@ -783,8 +788,9 @@ async def run_latency(label: str, prefix: str, accounts: Sequence[str],
         figures.received, figures.accepted, figures.rejected = (
             phase.received, phase.accepted, phase.rejected)
         figures.max_send_lag_ms = max_lag / 1e6
-        figures.latency = summarize_ns(
-            r - s for r, s in zip(phase.recv_ns, schedule, strict=False) if r)
+        latencies = [r - s for r, s in zip(phase.recv_ns, schedule, strict=False) if r]
+        figures.latency = summarize_ns(latencies)
+        figures.histogram_us = histogram_ns(latencies)
         figures.complete = phase.complete
         ctx.report.latency.append(figures)
     figures.stages = await stage_breakdown(ctx.pool, prefix, phase, schedule, wall_minus_mono_ns)
@@ -1403,3 +1409,64 @@ def _profiled_writer() -> None:
 
 if __name__ == "__main__":
     _profiled_writer()
+
+
+# --------------------------------------------------------------------------------------------
+# Pooling several runs (``harbour bench pool``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PooledLatency:
+    """One latency case (by label) over several runs: each run's p99, and the distribution of
+    every posting of every run together."""
+
+    label: str
+    runs: int
+    window_p99_ms: list[float]  # one per run, in the order given
+    pooled: LatencySummary | None
+
+    @property
+    def windows_over_bar(self) -> int:
+        return sum(1 for p in self.window_p99_ms if p >= RESOLVE_P99_MS)
+
+
+def pool_reports(reports: Sequence[dict[str, Any]]) -> list[PooledLatency]:
+    """Pool the latency phases of ``--json`` reports by label. A machine shared with other
+    tenants runs some phases slower than others; one run's 10 s p99 says how that run went, the
+    pooled p99 how the ledger does over all the load offered."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for report in reports:
+        for phase in report.get("latency", []):
+            by_label.setdefault(phase["label"], []).append(phase)
+    pooled = []
+    for label, phases in by_label.items():
+        missing = [p for p in phases if p.get("latency") and not p.get("histogram_us")]
+        if missing:
+            raise ValueError(f"{label}: a report has no histogram (written before it was added)")
+        pooled.append(PooledLatency(
+            label, len(phases),
+            [p["latency"]["p99_ms"] for p in phases if p.get("latency")],
+            pooled_summary(p["histogram_us"] for p in phases)))
+    return pooled
+
+
+def render_pooled(pooled: Sequence[PooledLatency], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="harbour bench pool: latency over every run given")
+    for column in ("case", "runs", "p99 per run (min / median / max)", "runs at or over the bar",
+                   "pooled p50 / p90 / p99 / p99.9 / max", "bar"):
+        table.add_column(column)
+    for p in pooled:
+        per_run = sorted(p.window_p99_ms)
+        s = p.pooled
+        table.add_row(
+            p.label, str(p.runs),
+            f"{per_run[0]:,.1f} / {per_run[len(per_run) // 2]:,.1f} / {per_run[-1]:,.1f} ms"
+            if per_run else "",
+            f"{p.windows_over_bar} of {len(per_run)} (p99 >= {RESOLVE_P99_MS:g} ms)",
+            f"{s.p50_ms:,.1f} / {s.p90_ms:,.1f} / {s.p99_ms:,.1f} / {s.p999_ms:,.1f} / "
+            f"{s.max_ms:,.1f} ms ({s.count:,} postings)" if s else "",
+            _bar(s.p99_ms if s else None, RESOLVE_P99_MS, TARGET_P99_MS, lower_is_better=True))
+    console.print(table)

@@ -100,3 +100,83 @@ def test_kafka_version_from_a_broker_command_line() -> None:
     cached = ["java", "-cp", "/root/.cache/harbour/kafka-4.4.0/lib/*", "kafka.Kafka"]
     assert kafka_version_from_cmdline(cached) == "4.4.0"
     assert kafka_version_from_cmdline(["python", "app.py"]) is None
+
+
+def test_histogram_counts_each_sample_in_the_bucket_it_rounds_up_to() -> None:
+    from shared.benchkit import histogram_ns
+
+    # 100 µs buckets keyed by their upper bound: a sample is never reported faster than it was.
+    assert histogram_ns([1, 100_000, 100_001, 250_000, 250_000]) == {100: 2, 200: 1, 300: 2}
+    assert histogram_ns([]) == {}
+
+
+def test_pooled_summary_of_one_run_matches_its_own_percentiles() -> None:
+    from shared.benchkit import histogram_ns, pooled_summary
+
+    samples = [ms * 1_000_000 for ms in range(1, 201)]  # 1..200 ms, on bucket bounds
+    own, pooled = summarize_ns(samples), pooled_summary([histogram_ns(samples)])
+    assert own is not None and pooled is not None
+    assert (pooled.count, pooled.p50_ms, pooled.p99_ms, pooled.max_ms) == (
+        own.count, own.p50_ms, own.p99_ms, own.max_ms) == (200, 100, 198, 200)
+    assert pooled_summary([]) is None
+
+
+def test_a_stall_in_one_run_is_its_p99_but_not_the_pooled_one() -> None:
+    from shared.benchkit import histogram_ns, pooled_summary
+
+    calm = [10_000_000] * 1000
+    stalled = [10_000_000] * 980 + [150_000_000] * 20  # 2% of this run waited 150 ms
+    own = summarize_ns(stalled)
+    assert own is not None and own.p99_ms == 150
+    pooled = pooled_summary([histogram_ns(calm), histogram_ns(stalled)])
+    assert pooled is not None
+    assert (pooled.count, pooled.p99_ms, pooled.p999_ms) == (2000, 10, 150)  # 1% of all: p99.9
+
+
+def _report(label: str, p99_ms: float, samples_ms: list[int]) -> dict:
+    """A latency phase as `harbour bench ledger --json` writes it (histogram keys are text)."""
+    from shared.benchkit import histogram_ns
+
+    histogram = histogram_ns(ms * 1_000_000 for ms in samples_ms)
+    return {"latency": [{"label": label, "latency": {"p99_ms": p99_ms},
+                         "histogram_us": {str(k): v for k, v in histogram.items()}}]}
+
+
+def test_pool_reports_groups_phases_by_label_and_counts_runs_over_the_bar() -> None:
+    from services.ledger.bench import pool_reports
+
+    reports = [_report("latency, hot", 40.0, [20] * 99 + [40]),
+               _report("latency, hot", 120.0, [20] * 98 + [120] * 2)]
+    [hot] = pool_reports(reports)
+    assert (hot.label, hot.runs, hot.window_p99_ms, hot.windows_over_bar) == (
+        "latency, hot", 2, [40.0, 120.0], 1)
+    # Pooled, 3 of 200 postings were slow: the p99 is the slowest but two.
+    assert hot.pooled is not None
+    assert (hot.pooled.count, hot.pooled.p99_ms, hot.pooled.p999_ms) == (200, 40, 120)
+
+
+def test_pool_refuses_a_report_without_histograms() -> None:
+    from services.ledger.bench import pool_reports
+
+    old = {"latency": [{"label": "latency, hot", "latency": {"p99_ms": 40.0}}]}
+    with pytest.raises(ValueError, match="no histogram"):
+        pool_reports([old])
+
+
+def test_bench_pool_command_prints_runs_over_the_bar_and_the_pooled_p99(tmp_path) -> None:
+    import json
+
+    from typer.testing import CliRunner
+
+    from services.cli.main import app
+
+    paths = []
+    for i, report in enumerate([_report("latency, hot", 40.0, [20] * 99 + [40]),
+                                _report("latency, hot", 120.0, [20] * 98 + [120] * 2)]):
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    shown = CliRunner().invoke(app, ["bench", "pool", *map(str, paths)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "1 of 2" in shown.output, shown.output
+    assert "40.0 / 120.0 / 120.0 ms" in shown.output, shown.output  # each run's p99
+    assert "20.0 / 20.0 / 40.0 / 120.0 / 120.0 ms" in shown.output, shown.output  # pooled
