@@ -40,7 +40,7 @@ async def run_ledger(
     # backend_flush_after: COPY writes the journal's new pages out through a small ring of
     # buffers, into the kernel's page cache, where they sat until its writeback flushed them all
     # at once, every 5 s; COMMITs (a WAL fsync on the same disk) waiting behind those bursts took
-    # 27 to 46 ms. With it the kernel is told to write each 256 kB at once, in the background:
+    # 27 to 49 ms. With it the kernel is told to write each 256 kB at once, in the background:
     # 0.014 such COMMITs per second of bench load instead of 0.033 (six runs against ten).
     pool = await asyncpg.create_pool(
         postgres.database_url,

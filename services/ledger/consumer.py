@@ -180,8 +180,12 @@ class WriterLoop:
             await self.seek_to_stored(partitions)
         except Exception as exc:  # whatever stopped the seek, reading on unseeked is worse
             log.warning("seek to the stored offsets failed, retrying in 1 s: %r", exc)
-            self.consumer.pause(*partitions)
-            self.unseeked.update(partitions)
+            # A rebalance may have taken some of them while PostgreSQL was being asked: only
+            # partitions still owned can be paused (and are this writer's to seek later).
+            owned = self.consumer.assignment()
+            parked = [tp for tp in partitions if tp in owned]
+            self.consumer.pause(*parked)
+            self.unseeked.update(parked)
             self._seek_again_at = asyncio.get_running_loop().time() + 1.0
             return False
         return True
@@ -190,7 +194,8 @@ class WriterLoop:
         """Retry the seek of partitions parked by :meth:`seek_or_park`."""
         partitions = [tp for tp in self.unseeked if tp in self.consumer.assignment()]
         if await self.seek_or_park(partitions):
-            self.consumer.resume(*partitions)
+            owned = self.consumer.assignment()  # a rebalance may have run during the seek
+            self.consumer.resume(*(tp for tp in partitions if tp in owned))
             self.unseeked.clear()
 
     async def run(self) -> None:

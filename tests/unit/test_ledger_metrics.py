@@ -81,3 +81,57 @@ async def test_partitions_stay_paused_until_the_seek_to_stored_offsets_succeeds(
     await loop._seek_unseeked()
     assert consumer.paused == set() and loop.unseeked == set()
     assert sorted(seeks[0]) == sorted(tps)
+
+
+KEPT, TAKEN = TopicPartition("ledger.commands", 0), TopicPartition("ledger.commands", 1)
+
+
+def _revoked_during_the_seek(database_up: bool) -> tuple[WriterLoop, _StrictConsumer]:
+    """A loop owning KEPT and TAKEN whose seek loses TAKEN to a rebalance while it asks
+    PostgreSQL (which answers if ``database_up``)."""
+    loop = WriterLoop(None, LedgerWriter(None), "127.0.0.1:1",  # type: ignore[arg-type]
+                      topic="ledger.commands", group_id="g")
+    consumer = _StrictConsumer({KEPT, TAKEN})
+    loop.consumer = consumer  # type: ignore[assignment]
+
+    async def seek_to_stored(partitions: list[TopicPartition]) -> Any:
+        consumer.assigned.discard(TAKEN)
+        if not database_up:
+            raise OSError("connection refused")
+
+    loop.seek_to_stored = seek_to_stored  # type: ignore[method-assign]
+    return loop, consumer
+
+
+@pytest.mark.asyncio
+async def test_a_partition_taken_away_while_the_seek_failed_is_not_parked() -> None:
+    # Pausing or resuming a partition no longer assigned raises in aiokafka, which would end the
+    # writer loop.
+    loop, consumer = _revoked_during_the_seek(database_up=False)
+    assert await loop.seek_or_park([KEPT, TAKEN]) is False
+    assert consumer.paused == {KEPT} and loop.unseeked == {KEPT}
+
+
+@pytest.mark.asyncio
+async def test_a_partition_taken_away_during_a_successful_retry_is_not_resumed() -> None:
+    loop, consumer = _revoked_during_the_seek(database_up=True)
+    consumer.pause(KEPT, TAKEN)
+    loop.unseeked = {KEPT, TAKEN}
+    await loop._seek_unseeked()
+    assert consumer.paused == {TAKEN} and loop.unseeked == set()
+
+
+class _StrictConsumer(_Consumer):
+    """Refuses to pause or resume what it does not own, as aiokafka does (IllegalStateError)."""
+
+    def pause(self, *tps: TopicPartition) -> None:
+        self._owned(tps)
+        super().pause(*tps)
+
+    def resume(self, *tps: TopicPartition) -> None:
+        self._owned(tps)
+        super().resume(*tps)
+
+    def _owned(self, tps: tuple[TopicPartition, ...]) -> None:
+        if not set(tps) <= self.assigned:
+            raise RuntimeError(f"not assigned: {set(tps) - self.assigned}")
