@@ -1441,12 +1441,13 @@ def pool_reports(reports: Sequence[dict[str, Any]]) -> list[PooledLatency]:
             by_label.setdefault(phase["label"], []).append(phase)
     pooled = []
     for label, phases in by_label.items():
-        missing = [p for p in phases if p.get("latency") and not p.get("histogram_us")]
-        if missing:
+        if any(not p.get("complete") for p in phases):
+            # Postings that never came back are not in its histogram: pooled, they would flatter.
+            raise ValueError(f"{label}: a run did not receive every result; leave it out")
+        if any(not p.get("histogram_us") for p in phases):
             raise ValueError(f"{label}: a report has no histogram (written before it was added)")
         pooled.append(PooledLatency(
-            label, len(phases),
-            [p["latency"]["p99_ms"] for p in phases if p.get("latency")],
+            label, len(phases), [p["latency"]["p99_ms"] for p in phases],
             pooled_summary(p["histogram_us"] for p in phases)))
     return pooled
 

@@ -109,6 +109,9 @@ class _SeekToStored(ConsumerRebalanceListener):
         self._loop.consumer.pause(*partitions)
         if await self._loop.seek_or_park(partitions):
             self._loop.consumer.resume(*partitions)
+            # Seeked now: a retry left over from before this rebalance must not seek them again
+            # while they are being read.
+            self._loop.unseeked.difference_update(partitions)
 
 
 class WriterLoop:
@@ -196,7 +199,8 @@ class WriterLoop:
         if await self.seek_or_park(partitions):
             owned = self.consumer.assignment()  # a rebalance may have run during the seek
             self.consumer.resume(*(tp for tp in partitions if tp in owned))
-            self.unseeked.clear()
+            # Only what this retry seeked: a rebalance meanwhile may have parked others.
+            self.unseeked.difference_update(partitions)
 
     async def run(self) -> None:
         self.consumer.subscribe([self._topic], listener=_SeekToStored(self))
@@ -324,7 +328,10 @@ class WriterLoop:
             OSError,
             asyncpg.PostgresConnectionError,
             asyncpg.InterfaceError,
-            asyncpg.CannotConnectNowError,
+            # Shut down, restarted or crashed under us (57P01, 57P02, 57P03), or out of
+            # connections, memory or disk (53xxx).
+            asyncpg.OperatorInterventionError,
+            asyncpg.InsufficientResourcesError,
         ) as down:
             # PostgreSQL is unreachable: nothing was committed. Wait; the batch is read again
             # from the stored offsets, its records are still in Kafka.

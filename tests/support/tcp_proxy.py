@@ -23,6 +23,13 @@ class CuttableProxy:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
+    async def __aenter__(self) -> CuttableProxy:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *_: object) -> None:
+        await self.stop()
+
     async def stop(self) -> None:
         self.cut()
         if self._server is not None:
@@ -46,6 +53,10 @@ class CuttableProxy:
             server_r, server_w = await asyncio.open_connection(*self._target)
         except OSError:
             client_w.transport.abort()
+            return
+        if self.cut_now:  # cut while this one was connecting: it must not get through either
+            client_w.transport.abort()
+            server_w.transport.abort()
             return
         self._open.update((client_w, server_w))
         await asyncio.gather(self._pipe(client_r, server_w), self._pipe(server_r, client_w))

@@ -138,7 +138,7 @@ def _report(label: str, p99_ms: float, samples_ms: list[int]) -> dict:
     from shared.benchkit import histogram_ns
 
     histogram = histogram_ns(ms * 1_000_000 for ms in samples_ms)
-    return {"latency": [{"label": label, "latency": {"p99_ms": p99_ms},
+    return {"latency": [{"label": label, "latency": {"p99_ms": p99_ms}, "complete": True,
                          "histogram_us": {str(k): v for k, v in histogram.items()}}]}
 
 
@@ -158,9 +158,19 @@ def test_pool_reports_groups_phases_by_label_and_counts_runs_over_the_bar() -> N
 def test_pool_refuses_a_report_without_histograms() -> None:
     from services.ledger.bench import pool_reports
 
-    old = {"latency": [{"label": "latency, hot", "latency": {"p99_ms": 40.0}}]}
+    old = {"latency": [{"label": "latency, hot", "latency": {"p99_ms": 40.0}, "complete": True}]}
     with pytest.raises(ValueError, match="no histogram"):
         pool_reports([old])
+
+
+def test_pool_refuses_a_run_that_did_not_receive_every_result() -> None:
+    from services.ledger.bench import pool_reports
+
+    # Its slowest postings never arrived: its histogram lacks exactly the tail being measured.
+    short = _report("latency, hot", 40.0, [20] * 99 + [40])
+    short["latency"][0]["complete"] = False
+    with pytest.raises(ValueError, match="did not receive every result"):
+        pool_reports([_report("latency, hot", 40.0, [20] * 100), short])
 
 
 def test_bench_pool_command_prints_runs_over_the_bar_and_the_pooled_p99(tmp_path) -> None:

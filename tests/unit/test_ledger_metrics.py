@@ -3,8 +3,10 @@ gauges an operator alerts on, and what happens when the seek to PostgreSQL's off
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
+import asyncpg
 import pytest
 from aiokafka import TopicPartition
 
@@ -135,3 +137,68 @@ class _StrictConsumer(_Consumer):
     def _owned(self, tps: tuple[TopicPartition, ...]) -> None:
         if not set(tps) <= self.assigned:
             raise RuntimeError(f"not assigned: {set(tps) - self.assigned}")
+
+
+@pytest.mark.asyncio
+async def test_a_retry_clears_only_what_it_seeked_not_what_a_rebalance_parked_meanwhile() -> None:
+    # The retry of P0 waits on PostgreSQL; meanwhile a rebalance assigns P0 and P1 again and
+    # fails to seek P1. When the retry's query then succeeds, P1 must stay parked (paused and
+    # due for a retry), not be forgotten paused forever.
+    p0, p1 = KEPT, TAKEN
+    loop = WriterLoop(None, LedgerWriter(None), "127.0.0.1:1",  # type: ignore[arg-type]
+                      topic="ledger.commands", group_id="g")
+    consumer = _StrictConsumer({p0})
+    loop.consumer = consumer  # type: ignore[assignment]
+    consumer.pause(p0)
+    loop.unseeked = {p0}
+    calls = 0
+
+    async def seek_to_stored(partitions: list[TopicPartition]) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 1:  # the retry of P0, interrupted by a rebalance
+            loop.forget([0])
+            consumer.assigned.update({p0, p1})
+            await _SeekToStored(loop).on_partitions_assigned([p0, p1])  # calls == 2: fails
+        elif calls == 2:
+            raise OSError("connection refused")
+
+    loop.seek_to_stored = seek_to_stored  # type: ignore[method-assign]
+    await loop._seek_unseeked()
+    assert p1 in consumer.paused and p1 in loop.unseeked
+
+
+@pytest.mark.asyncio
+async def test_a_successful_seek_on_assignment_ends_an_older_retry_of_the_same_partition() -> None:
+    # Parked by a failed seek just before a rebalance, then seeked by the new assignment: the
+    # old retry must not seek it again a second later, while its records are being applied.
+    loop, consumer = _revoked_during_the_seek(database_up=True)
+    loop.unseeked = {KEPT}
+    await _SeekToStored(loop).on_partitions_assigned([KEPT])
+    assert loop.unseeked == set() and KEPT not in consumer.paused
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("down", [
+    asyncpg.AdminShutdownError("terminating connection due to administrator command"),
+    asyncpg.CrashShutdownError("terminating connection because of crash of another process"),
+    asyncpg.TooManyConnectionsError("sorry, too many clients already"),
+], ids=lambda e: type(e).__name__)
+async def test_a_database_shut_down_or_full_fails_the_batch_but_not_the_loop(
+        down: Exception, monkeypatch) -> None:
+    # A restart or crash of PostgreSQL, or no connection slot left, is an outage like a reset
+    # connection: nothing was committed, so the batch is read again; it must not end the loop.
+    class Down(LedgerWriter):
+        async def apply_batch(self, *args: Any, **kwargs: Any) -> Any:
+            raise down
+
+    loop = WriterLoop(None, Down(None), "127.0.0.1:1",  # type: ignore[arg-type]
+                      topic="ledger.commands", group_id="g")
+    monkeypatch.setattr(asyncio, "sleep", _no_wait)
+    assert await loop._apply({}, [], []) is False
+    assert loop.metrics.registry.get_sample_value(
+        "harbour_ledger_batch_retries_total", {"reason": "database_unavailable"}) == 1
+
+
+async def _no_wait(_seconds: float) -> None:
+    return None

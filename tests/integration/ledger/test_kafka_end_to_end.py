@@ -220,49 +220,47 @@ async def test_a_batch_lost_with_the_database_is_read_again_with_what_was_fetche
 
 
 async def test_the_writer_outlasts_a_database_outage_longer_than_its_retry_wait(
-        kafka_bootstrap: str, new_topic, db_url: str, pool: asyncpg.Pool) -> None:
+        kafka_bootstrap: str, new_topic, db_url: str, pool: asyncpg.Pool, caplog) -> None:
     # The writer reaches PostgreSQL through a proxy that is cut for 4 s while transfers keep
     # arriving: batches fail, and so does the seek back to the stored offsets. The loop must keep
     # running, and once the database is back, settle every transfer exactly once.
     commands = await new_topic("ledger.commands", partitions=2)
     results = await new_topic("ledger.results", partitions=2)
-    proxy = CuttableProxy("127.0.0.1", urlsplit(db_url).port or 5432)
-    await proxy.start()
     parts = urlsplit(db_url)
     userinfo = parts.netloc.rpartition("@")[0]
-    via_proxy = await asyncpg.create_pool(
-        urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}")),
-        min_size=1, max_size=4, timeout=2)
-    loop = WriterLoop(via_proxy, LedgerWriter(via_proxy, topic=commands), kafka_bootstrap,
-                      topic=commands, group_id=f"writer-{commands}")
-    task = asyncio.create_task(loop.run())
-    try:
-        setup = [L.asset("HKD", 2, reply_to=results),
-                 L.account("treasury", "HKD", reply_to=results),
-                 L.account("c1", "HKD", reply_to=results)]
-        await publish(kafka_bootstrap, commands, [(v, b"k", 0) for v in setup])
-        assert len(await read_results(kafka_bootstrap, results, len(setup))) == len(setup)
-        names = [f"t{i}" for i in range(20)]
-        transfers = [(L.transfer(n, "treasury", "c1", "HKD", "1.00", reply_to=results), b"k", i % 2)
-                     for i, n in enumerate(names)]
-        await publish(kafka_bootstrap, commands, transfers[:5])
-        proxy.cut()
-        await publish(kafka_bootstrap, commands, transfers[5:])
-        await asyncio.sleep(4.0)
-        assert not task.done(), task  # still running through the outage, not crashed out of it
-        proxy.restore()
-        out = await read_results(kafka_bootstrap, results, len(setup) + len(names))
-        accepted = sorted(r["command_id"] for r in out if r["type"] == "ledger.PostingAccepted"
-                          and r["command_id"] in names)
-        assert accepted == sorted(names)
-        assert loop.metrics.registry.get_sample_value(
-            "harbour_ledger_batch_retries_total", {"reason": "database_unavailable"})
-        assert int(await pool.fetchval(
-            "SELECT credits_posted FROM ledger.balances WHERE account_id = 'c1'")) == 2000
-        assert await pool.fetchval("SELECT count(*) FROM ledger.postings") == 20
-        assert (await verify(pool)).ok
-    finally:
-        loop.stop()
-        await asyncio.gather(task, return_exceptions=True)
-        await via_proxy.close()
-        await proxy.stop()
+    async with CuttableProxy("127.0.0.1", parts.port or 5432) as proxy, asyncpg.create_pool(
+            urlunsplit(parts._replace(netloc=f"{userinfo}@127.0.0.1:{proxy.port}")),
+            min_size=1, max_size=4, timeout=2) as via_proxy:
+        loop = WriterLoop(via_proxy, LedgerWriter(via_proxy, topic=commands), kafka_bootstrap,
+                          topic=commands, group_id=f"writer-{commands}")
+        task = asyncio.create_task(loop.run())
+        try:
+            setup = [L.asset("HKD", 2, reply_to=results),
+                     L.account("treasury", "HKD", reply_to=results),
+                     L.account("c1", "HKD", reply_to=results)]
+            await publish(kafka_bootstrap, commands, [(v, b"k", 0) for v in setup])
+            assert len(await read_results(kafka_bootstrap, results, len(setup))) == len(setup)
+            names = [f"t{i}" for i in range(20)]
+            transfers = [(L.transfer(n, "treasury", "c1", "HKD", "1.00", reply_to=results),
+                          b"k", i % 2) for i, n in enumerate(names)]
+            await publish(kafka_bootstrap, commands, transfers[:5])
+            proxy.cut()
+            await publish(kafka_bootstrap, commands, transfers[5:])
+            await asyncio.sleep(4.0)
+            assert not task.done(), task  # still running through the outage
+            assert any("seek to the stored offsets failed" in r.getMessage()
+                       for r in caplog.records)  # the outage reached the seek, not only a batch
+            proxy.restore()
+            out = await read_results(kafka_bootstrap, results, len(setup) + len(names))
+            accepted = sorted(r["command_id"] for r in out if r["type"] == "ledger.PostingAccepted"
+                              and r["command_id"] in names)
+            assert accepted == sorted(names)
+            assert loop.metrics.registry.get_sample_value(
+                "harbour_ledger_batch_retries_total", {"reason": "database_unavailable"})
+            assert int(await pool.fetchval(
+                "SELECT credits_posted FROM ledger.balances WHERE account_id = 'c1'")) == 2000
+            assert await pool.fetchval("SELECT count(*) FROM ledger.postings") == 20
+            assert (await verify(pool)).ok
+        finally:
+            loop.stop()
+            await asyncio.gather(task, return_exceptions=True)
