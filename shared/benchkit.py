@@ -46,8 +46,12 @@ def percentile(sorted_values: Sequence[float], q: float) -> float:
         raise ValueError("percentile of no values")
     if not 0 <= q <= 100:
         raise ValueError(f"percentile {q} outside [0, 100]")
-    rank = max(1, math.ceil(q / 100 * len(sorted_values)))
-    return sorted_values[rank - 1]
+    return sorted_values[_nearest_rank(q, len(sorted_values)) - 1]
+
+
+def _nearest_rank(q: float, count: int) -> int:
+    """The 1-based rank of the ``q``-th percentile among ``count`` ordered values."""
+    return max(1, math.ceil(q / 100 * count))
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +112,7 @@ def pooled_summary(histograms: Iterable[dict[int, int]]) -> LatencySummary | Non
     bounds = sorted(pooled)
 
     def at(q: float) -> float:
-        rank, seen = max(1, math.ceil(q / 100 * total)), 0
+        rank, seen = _nearest_rank(q, total), 0
         for bound in bounds:
             seen += pooled[bound]
             if seen >= rank:

@@ -1354,6 +1354,71 @@ def render(report: BenchReport, console: Any) -> None:
 
 
 # --------------------------------------------------------------------------------------------
+# Pooling several runs (``harbour bench pool``)
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PooledLatency:
+    """One latency case (by label) over several runs: each run's p99, and the distribution of
+    every posting of every run together."""
+
+    label: str
+    window_p99_ms: list[float]  # one per run, in the order given
+    pooled: LatencySummary | None
+
+    @property
+    def runs(self) -> int:
+        return len(self.window_p99_ms)
+
+    @property
+    def windows_over_bar(self) -> int:
+        return sum(1 for p in self.window_p99_ms if p >= RESOLVE_P99_MS)
+
+
+def pool_reports(reports: Sequence[dict[str, Any]]) -> list[PooledLatency]:
+    """Pool the latency phases of ``--json`` reports by label. A machine shared with other
+    tenants runs some phases slower than others; one run's 10 s p99 says how that run went, the
+    pooled p99 how the ledger does over all the load offered."""
+    by_label: dict[str, list[dict[str, Any]]] = {}
+    for report in reports:
+        for phase in report.get("latency", []):
+            by_label.setdefault(phase["label"], []).append(phase)
+    pooled = []
+    for label, phases in by_label.items():
+        if any(not p.get("complete") for p in phases):
+            # Postings that never came back are not in its histogram: pooled, they would flatter.
+            raise ValueError(f"{label}: a run did not receive every result; leave it out")
+        if any(not p.get("histogram_us") for p in phases):
+            raise ValueError(f"{label}: a report has no histogram (written before it was added)")
+        pooled.append(PooledLatency(
+            label, [p["latency"]["p99_ms"] for p in phases],
+            pooled_summary(p["histogram_us"] for p in phases)))
+    return pooled
+
+
+def render_pooled(pooled: Sequence[PooledLatency], console: Any) -> None:
+    from rich.table import Table
+
+    table = Table(title="harbour bench pool: latency over every run given")
+    for column in ("case", "runs", "p99 per run (min / median / max)", "runs at or over the bar",
+                   "pooled p50 / p90 / p99 / p99.9 / max", "bar"):
+        table.add_column(column)
+    for p in pooled:
+        per_run = sorted(p.window_p99_ms)
+        s = p.pooled
+        table.add_row(
+            p.label, str(p.runs),
+            f"{per_run[0]:,.1f} / {per_run[len(per_run) // 2]:,.1f} / {per_run[-1]:,.1f} ms"
+            if per_run else "",
+            f"{p.windows_over_bar} of {len(per_run)} (p99 >= {RESOLVE_P99_MS:g} ms)",
+            f"{s.p50_ms:,.1f} / {s.p90_ms:,.1f} / {s.p99_ms:,.1f} / {s.p999_ms:,.1f} / "
+            f"{s.max_ms:,.1f} ms ({s.count:,} postings)" if s else "",
+            _bar(s.p99_ms if s else None, RESOLVE_P99_MS, TARGET_P99_MS, lower_is_better=True))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------------------------
 # ``python -m services.ledger.bench``: the ledger app under a signal-controlled profiler
 # --------------------------------------------------------------------------------------------
 
@@ -1409,65 +1474,3 @@ def _profiled_writer() -> None:
 
 if __name__ == "__main__":
     _profiled_writer()
-
-
-# --------------------------------------------------------------------------------------------
-# Pooling several runs (``harbour bench pool``)
-# --------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PooledLatency:
-    """One latency case (by label) over several runs: each run's p99, and the distribution of
-    every posting of every run together."""
-
-    label: str
-    runs: int
-    window_p99_ms: list[float]  # one per run, in the order given
-    pooled: LatencySummary | None
-
-    @property
-    def windows_over_bar(self) -> int:
-        return sum(1 for p in self.window_p99_ms if p >= RESOLVE_P99_MS)
-
-
-def pool_reports(reports: Sequence[dict[str, Any]]) -> list[PooledLatency]:
-    """Pool the latency phases of ``--json`` reports by label. A machine shared with other
-    tenants runs some phases slower than others; one run's 10 s p99 says how that run went, the
-    pooled p99 how the ledger does over all the load offered."""
-    by_label: dict[str, list[dict[str, Any]]] = {}
-    for report in reports:
-        for phase in report.get("latency", []):
-            by_label.setdefault(phase["label"], []).append(phase)
-    pooled = []
-    for label, phases in by_label.items():
-        if any(not p.get("complete") for p in phases):
-            # Postings that never came back are not in its histogram: pooled, they would flatter.
-            raise ValueError(f"{label}: a run did not receive every result; leave it out")
-        if any(not p.get("histogram_us") for p in phases):
-            raise ValueError(f"{label}: a report has no histogram (written before it was added)")
-        pooled.append(PooledLatency(
-            label, len(phases), [p["latency"]["p99_ms"] for p in phases],
-            pooled_summary(p["histogram_us"] for p in phases)))
-    return pooled
-
-
-def render_pooled(pooled: Sequence[PooledLatency], console: Any) -> None:
-    from rich.table import Table
-
-    table = Table(title="harbour bench pool: latency over every run given")
-    for column in ("case", "runs", "p99 per run (min / median / max)", "runs at or over the bar",
-                   "pooled p50 / p90 / p99 / p99.9 / max", "bar"):
-        table.add_column(column)
-    for p in pooled:
-        per_run = sorted(p.window_p99_ms)
-        s = p.pooled
-        table.add_row(
-            p.label, str(p.runs),
-            f"{per_run[0]:,.1f} / {per_run[len(per_run) // 2]:,.1f} / {per_run[-1]:,.1f} ms"
-            if per_run else "",
-            f"{p.windows_over_bar} of {len(per_run)} (p99 >= {RESOLVE_P99_MS:g} ms)",
-            f"{s.p50_ms:,.1f} / {s.p90_ms:,.1f} / {s.p99_ms:,.1f} / {s.p999_ms:,.1f} / "
-            f"{s.max_ms:,.1f} ms ({s.count:,} postings)" if s else "",
-            _bar(s.p99_ms if s else None, RESOLVE_P99_MS, TARGET_P99_MS, lower_is_better=True))
-    console.print(table)

@@ -261,9 +261,7 @@ class WriterLoop:
                     sweep = asyncio.create_task(self._expire(), name="ledger-expiry")
                     next_expiry = now + self._expiry_interval_s
         finally:
-            gauges.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await gauges
+            await _cancel(gauges)
             await _cancel(fetch)
             for task in (inflight, sweep):
                 if task is not None:
